@@ -1,0 +1,190 @@
+"""The one error tree of the service.
+
+Every error a user can see is a ``DsocrError``; the API maps the tree to status codes in one place
+(``app.api.errors``) and always answers ``{"error": {"code", "message"}}``. A task that fails
+stores the same ``code`` and ``message`` on its record.
+
+    DsocrError (500, internal_error)
+    ├── ClientError (400, bad_request)
+    │   ├── Unauthorized (401, unauthorized)
+    │   ├── TaskNotFound (404, task_not_found)
+    │   ├── ResultNotFound (404, result_not_found)
+    │   ├── TaskNotFinished (409, task_not_finished)
+    │   ├── TaskAlreadyFinished (409, task_finished)
+    │   ├── PayloadTooLarge (413, payload_too_large)
+    │   ├── UnsupportedMediaType (415, unsupported_media_type)
+    │   ├── InvalidOptions (422, invalid_options)
+    │   ├── InvalidDocument (422, invalid_document)
+    │   ├── TooManyPages (422, too_many_pages)
+    │   ├── UrlNotAllowed (400, url_not_allowed)
+    │   ├── UrlFetchFailed (400, url_fetch_failed)
+    │   └── QueueFull (429, queue_full; carries retry_after seconds)
+    └── ServerError (500, internal_error)
+        ├── ServiceUnavailable (503, service_unavailable)
+        ├── EngineError (500, engine_error)
+        │   └── ModelUnavailable (503, model_unavailable)
+        ├── StorageError (500, storage_error)
+        ├── PageFailed (500, page_failed)
+        └── TaskCanceled (499, canceled; internal: stops a running task at a page boundary)
+
+Library exceptions (torch, httpx, PyMuPDF, PIL) are translated where the library is called,
+``raise EngineError(...) from exc``, so nothing else leaks into a response or a task record.
+"""
+
+from __future__ import annotations
+
+
+class DsocrError(Exception):
+    """Base of every error the service reports; ``code`` is stable, ``message`` is for people."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ClientError(DsocrError):
+    """The request cannot be served as sent; retrying it unchanged gives the same answer."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(ClientError):
+    """Raised when a route needs an API key and the request has none or a wrong one."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class TaskNotFound(ClientError):
+    """Raised for a task id that does not exist (or expired, or is malformed)."""
+
+    status_code = 404
+    code = "task_not_found"
+
+
+class ResultNotFound(ClientError):
+    """Raised for a result file (an image name, say) that the task does not have."""
+
+    status_code = 404
+    code = "result_not_found"
+
+
+class TaskNotFinished(ClientError):
+    """Raised when a result is asked for before the task succeeded."""
+
+    status_code = 409
+    code = "task_not_finished"
+
+
+class TaskAlreadyFinished(ClientError):
+    """Raised when canceling a task that already ended."""
+
+    status_code = 409
+    code = "task_finished"
+
+
+class PayloadTooLarge(ClientError):
+    """Raised when an upload or a fetched URL passes ``APP_MAX_UPLOAD_MB``."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    """Raised when the bytes are not a PDF, PNG, JPEG, WebP, TIFF or BMP."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidOptions(ClientError):
+    """Raised for options that do not validate (a bad page range, an unknown mode)."""
+
+    status_code = 422
+    code = "invalid_options"
+
+
+class InvalidDocument(ClientError):
+    """Raised when the file has a supported type but cannot be read (corrupt, encrypted, a bomb)."""
+
+    status_code = 422
+    code = "invalid_document"
+
+
+class TooManyPages(ClientError):
+    """Raised when the selected pages exceed ``APP_MAX_PAGES``."""
+
+    status_code = 422
+    code = "too_many_pages"
+
+
+class UrlNotAllowed(ClientError):
+    """Raised for a URL whose scheme is not http(s) or whose host resolves to a non-public address."""
+
+    status_code = 400
+    code = "url_not_allowed"
+
+
+class UrlFetchFailed(ClientError):
+    """Raised when a URL cannot be fetched: unreachable, timed out, or answered with an error status."""
+
+    status_code = 400
+    code = "url_fetch_failed"
+
+
+class QueueFull(ClientError):
+    """Raised at submit time when ``APP_QUEUE_MAX`` tasks already wait; nothing has been stored."""
+
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServerError(DsocrError):
+    """The service failed; the request may succeed later or on another deployment."""
+
+
+class ServiceUnavailable(ServerError):
+    """Raised while the service cannot take work (starting, stopping, a worker died)."""
+
+    status_code = 503
+    code = "service_unavailable"
+
+
+class EngineError(ServerError):
+    """Raised when the OCR engine fails to load or to recognise a page."""
+
+    code = "engine_error"
+
+
+class ModelUnavailable(EngineError):
+    """Raised when the model cannot be found, downloaded or run in this environment."""
+
+    status_code = 503
+    code = "model_unavailable"
+
+
+class StorageError(ServerError):
+    """Raised when a task's files cannot be written or read."""
+
+    code = "storage_error"
+
+
+class PageFailed(ServerError):
+    """Raised when one page of a task cannot be processed; the message names the page."""
+
+    code = "page_failed"
+
+
+class TaskCanceled(ServerError):
+    """Raised inside the pipeline when a cancel request is seen at a page boundary."""
+
+    status_code = 499
+    code = "canceled"
