@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     max_upload_mb: int = Field(default=200, gt=0)  # MiB, uploads and URL downloads alike
     max_pages: int = Field(default=500, gt=0)  # pages per task, after the ``pages`` selection
-    max_page_pixels: int = Field(default=40_000_000, gt=0)  # pixels per rendered page; larger pages are scaled down
+    max_page_pixels: int = Field(
+        default=40_000_000, gt=0
+    )  # pixels per rendered page; larger pages are scaled down
     max_dpi: int = Field(default=300, gt=0)  # the highest ``dpi`` a task may ask for
     result_ttl_hours: float = Field(default=72, gt=0)  # hours a finished task is kept
     url_allow_private: bool = False  # allow URL tasks to reach loopback/private/link-local hosts

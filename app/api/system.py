@@ -1,0 +1,56 @@
+"""Health, readiness and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.deps import CredentialsDep, SettingsDep, require_api_key
+from app.errors import ResultNotFound
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz")
+async def read_health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "not ready: a worker died or storage is read-only"}})
+async def read_readiness(request: Request) -> JSONResponse:
+    """Readiness: workers alive, storage writable; shows the model state and which model was chosen."""
+    state = request.app.state
+    models = state.models.state
+    pool = state.pool
+    writable = state.tasks.store.writable()
+    body: dict[str, Any] = {
+        "status": "ready" if pool.healthy and writable else "not_ready",
+        "workers": {"alive": pool.alive, "configured": state.settings.max_workers},
+        "storage_writable": writable,
+        "queue_depth": state.tasks.queue.depth(),
+        "model": {
+            "loaded": models.loaded,
+            "name": models.model,
+            "detail": models.detail,
+            "last_error": models.last_error,
+        },
+    }
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+def _metrics_guard(settings: SettingsDep, credentials: CredentialsDep) -> None:
+    if not settings.metrics_enabled:
+        raise ResultNotFound("metrics are disabled (APP_METRICS_ENABLED=false)")
+    if settings.metrics_require_auth:
+        require_api_key(settings, credentials)
+
+
+@router.get("/metrics", dependencies=[Depends(_metrics_guard)], response_class=Response)
+async def read_metrics(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format."""
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

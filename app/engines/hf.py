@@ -1,0 +1,266 @@
+"""The transformers engine for DeepSeek-OCR-2 in transformers' native classes, and the engine factory.
+
+``HFEngine`` runs checkpoints of the ``deepseek_ocr2`` family (``AutoModelForImageTextToText`` +
+``AutoProcessor``) on CPU or GPU and batches pages into one ``generate()`` call. DeepSeek-OCR v1's
+remote code lives in ``remote_code.py``; ``build_engine`` picks between them from a ``ModelChoice``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList
+
+from app.engines.base import OCREngine, PageText, RecognizeOptions, StopReason
+from app.engines.resolve import ModelChoice, ModelFamily
+from app.errors import EngineError, ModelUnavailable
+
+logger = logging.getLogger(__name__)
+
+# Where the page goes in the prompt; DeepSeek-OCR's prompts start with it.
+IMAGE_TOKEN = "<image>"  # noqa: S105 - a prompt token, not a secret
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(force_cpu: bool) -> str:
+    """``"cuda"`` when a CUDA device is present and ``APP_FORCE_CPU`` is off, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() and not force_cpu else "cpu"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for ``APP_DS_DTYPE`` (``bfloat16``, ``float16`` or ``float32``)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def flash_attention_usable(device: str, use_flash_attn: bool) -> bool:
+    """Whether flash_attention_2 may be asked for: wanted, on CUDA, and ``flash_attn`` importable."""
+    return use_flash_attn and device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+
+
+def release_memory(device: str) -> None:
+    """Collect what the caller just dropped and hand cached CUDA blocks back to the driver.
+
+    Without ``empty_cache`` the allocator keeps the freed weights reserved: NVML (the GPU gate) and
+    other processes would still see the memory as used.
+    """
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class HFEngine(OCREngine):
+    """DeepSeek-OCR-2 through transformers' native ``deepseek_ocr2`` classes (transformers >= 5.11).
+
+    ``recognize`` runs up to ``batch_size`` pages in one left-padded ``generate()`` call, greedy,
+    capped by ``max_new_tokens`` tokens per page and ``timeout_seconds`` per call, with the model's
+    no-repeat n-gram guard when ``no_repeat_ngram_size`` > 0. ``options.base_size`` and
+    ``options.image_size`` do not apply: OCR-2's geometry is fixed (global view 1024 px, tiles 768 px).
+    ``logits_processors`` is a test hook: a factory called once per ``generate()`` call whose
+    processors run after the built-in ones (production passes ``None``).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str,
+        dtype: str,
+        use_flash_attn: bool,
+        batch_size: int,
+        no_repeat_ngram_size: int,
+        logits_processors: Callable[[], list[LogitsProcessor]] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self.model_name = model_path
+        self.max_batch_size = batch_size
+        self._device = device
+        self._dtype = torch_dtype(dtype)
+        self._use_flash_attn = use_flash_attn
+        self._no_repeat_ngram_size = no_repeat_ngram_size
+        self._logits_processors = logits_processors
+        self._model: Any = None
+        self._processor: Any = None
+
+    def load(self) -> None:
+        """Load processor and weights, in the target dtype, onto the device; no-op when loaded.
+
+        Raises ``ModelUnavailable`` when the checkpoint is missing, unreadable or needs another
+        transformers, ``EngineError`` when it cannot be placed on the device (out of memory).
+        """
+        if self._model is not None:
+            return
+        model_class = getattr(transformers, "DeepseekOcr2ForConditionalGeneration", None)
+        if model_class is None:
+            raise ModelUnavailable(
+                f"{self.model_name} is a DeepSeek-OCR-2 checkpoint in transformers' native format, which "
+                f"needs transformers >= 5.11 (found {transformers.__version__}); upgrade transformers or "
+                "use APP_BACKEND=vllm"
+            )
+        # DeepSeek-OCR-2's native classes declare no flash-attention support (transformers 5.23), and
+        # asking for it anyway is an error; sdpa is their fast path.
+        flash = (
+            flash_attention_usable(self._device, self._use_flash_attn) and model_class._supports_flash_attn
+        )
+        attention = "flash_attention_2" if flash else "sdpa"
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_name)
+            # Weights are materialised in the target dtype on the CPU, then moved: moving float32
+            # weights to the GPU and casting there would double the peak GPU memory.
+            # Looked up here, not imported: this module also serves v1 images (transformers 4.46).
+            model: Any = transformers.AutoModelForImageTextToText.from_pretrained(
+                self.model_name, dtype=self._dtype, attn_implementation=attention
+            )
+        except OSError as exc:
+            raise ModelUnavailable(f"cannot load the model from {self.model_name}: {exc}") from exc
+        except Exception as exc:
+            # Wrong model type, broken config, missing dependency: anything from_pretrained raises
+            # means this checkpoint cannot run here.
+            raise ModelUnavailable(
+                f"{self.model_name} cannot be loaded with transformers {transformers.__version__}: {exc}"
+            ) from exc
+        try:
+            model = model.to(self._device).eval()
+        except Exception as exc:  # out of memory, or a device this torch build lacks
+            del model
+            release_memory(self._device)
+            raise EngineError(f"cannot move {self.model_name} to {self._device}: {exc}") from exc
+        # Batched generate() appends new tokens on the right, so prompts must be padded on the left,
+        # whatever the checkpoint's tokenizer defaults to.
+        processor.tokenizer.padding_side = "left"
+        self._model, self._processor = model, processor
+        logger.info(
+            "loaded %s on %s (%s, attention %s)", self.model_name, self._device, self._dtype, attention
+        )
+
+    def unload(self) -> None:
+        """Drop every reference to the model and processor and give their memory back; idempotent."""
+        self._model = None
+        self._processor = None
+        release_memory(self._device)
+
+    def recognize(self, images: Sequence[Image.Image], options: RecognizeOptions) -> list[PageText]:
+        """One ``generate()`` call over ``images``; one ``PageText`` per image, in order.
+
+        Raises ``EngineError`` when the engine is not loaded, the batch is too large, or
+        preprocessing or generation fails.
+        """
+        model, processor = self._model, self._processor
+        if model is None or processor is None:
+            raise EngineError(f"{self.model_name} is not loaded")
+        if len(images) > self.max_batch_size:
+            raise EngineError(f"{len(images)} pages passed; this engine takes at most {self.max_batch_size}")
+        if not images:
+            return []
+        prompt = f"{IMAGE_TOKEN}\n{options.prompt}"
+        # Without tiles the image processor resizes the global view to the tile size (768 px) while
+        # the processor counts image tokens from `size` (1024 px): 257 tokens for 145 features, and
+        # generate() fails. Sizing the global view at the tile size makes the two agree (transformers 5.23).
+        tile = processor.image_processor.tile_size
+        no_tiles = (
+            {} if options.crop_mode else {"crop_to_patches": False, "size": {"height": tile, "width": tile}}
+        )
+        generate_args: dict[str, Any] = {
+            "max_new_tokens": options.max_new_tokens,
+            "max_time": options.timeout_seconds,
+            "do_sample": False,
+        }
+        if self._no_repeat_ngram_size > 0:
+            generate_args["no_repeat_ngram_size"] = self._no_repeat_ngram_size
+        if self._logits_processors is not None:
+            generate_args["logits_processor"] = LogitsProcessorList(self._logits_processors())
+        try:
+            inputs = processor(
+                images=list(images),
+                text=[prompt] * len(images),
+                return_tensors="pt",
+                padding=True,
+                **no_tiles,
+            ).to(self._device, dtype=self._dtype)  # dtype applies to the pixel tensors only
+            with torch.inference_mode():
+                output = model.generate(**inputs, **generate_args)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise EngineError(
+                f"out of GPU memory on a batch of {len(images)} page(s); lower APP_DS_BATCH_SIZE: {exc}"
+            ) from exc
+        except Exception as exc:
+            # Anything torch or transformers raise mid-inference is this engine's failure.
+            raise EngineError(f"{self.model_name} failed on a batch of {len(images)} page(s): {exc}") from exc
+        tokenizer = processor.tokenizer
+        eos_ids = _token_ids(model.generation_config.eos_token_id, tokenizer.eos_token_id)
+        pad_ids = _token_ids(model.generation_config.pad_token_id, tokenizer.pad_token_id) - eos_ids
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        return [
+            _page_text(
+                row, tokenizer, eos_ids=eos_ids, pad_ids=pad_ids, max_new_tokens=options.max_new_tokens
+            )
+            for row in new_tokens
+        ]
+
+
+def _page_text(
+    generated: list[int], tokenizer: Any, *, eos_ids: set[int], pad_ids: set[int], max_new_tokens: int
+) -> PageText:
+    """Decode one row's new tokens: cut after its first eos, drop the padding of a finished row."""
+    stop: StopReason
+    end = next((i + 1 for i, token in enumerate(generated) if token in eos_ids), None)
+    if end is not None:
+        generated, stop = generated[:end], "eos"
+    elif len(generated) >= max_new_tokens:
+        stop = "max_tokens"
+    else:
+        stop = "timeout"  # max_time ended the whole generate() call
+    kept = [token for token in generated if token not in pad_ids]
+    # skip_special_tokens=False keeps the grounding tags and the end marker, verbatim.
+    text = tokenizer.decode(kept, skip_special_tokens=False)
+    return PageText(text=text, stop_reason=stop, tokens=len(generated))
+
+
+def _token_ids(*values: int | list[int] | None) -> set[int]:
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(value)
+    return ids
+
+
+def build_engine(
+    choice: ModelChoice,
+    *,
+    device: str,
+    dtype: str,
+    use_flash_attn: bool,
+    batch_size: int,
+    no_repeat_ngram_size: int,
+) -> OCREngine:
+    """The engine for ``choice``'s family, not yet loaded.
+
+    The remote-code engine takes one page per call and uses its ``infer()``'s own n-gram guard, so
+    ``batch_size`` and ``no_repeat_ngram_size`` apply to the native engine only.
+    """
+    if choice.family is ModelFamily.OCR2_NATIVE:
+        return HFEngine(
+            choice.path,
+            device=device,
+            dtype=dtype,
+            use_flash_attn=use_flash_attn,
+            batch_size=batch_size,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+    # Imported here because remote_code.py builds on this module's helpers.
+    from app.engines.remote_code import RemoteCodeEngine
+
+    return RemoteCodeEngine(choice.path, device=device, dtype=dtype, use_flash_attn=use_flash_attn)

@@ -1,0 +1,91 @@
+"""Every Prometheus metric of the service, defined once, on a registry owned by the app.
+
+A registry per app (not the global one) lets tests build several apps in one process. HTTP
+metrics are labelled by route template, never by raw path: task ids must not leak into labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app.engines.gpu import GpuProbe
+
+# Pages take from a tenth of a second (tiny pages, vLLM batches) to minutes (dense pages on CPU).
+PAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+TASK_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _GpuCollector(Collector):
+    """Reads GPU memory at scrape time, so the numbers are never stale."""
+
+    def __init__(self, probe: GpuProbe) -> None:
+        self._probe = probe
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        memory = self._probe.memory()
+        if memory is None:
+            return
+        for name, value in (("used", memory.used_bytes), ("free", memory.free_bytes)):
+            family = GaugeMetricFamily(
+                f"dsocr_gpu_memory_{name}_bytes", f"GPU memory {name}, from NVML", labels=["gpu"]
+            )
+            family.add_metric([str(memory.index)], value)
+            yield family
+
+
+class Metrics:
+    """The service's metrics; components receive this object and update what they own."""
+
+    def __init__(self, gpu_probe: GpuProbe) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tasks_submitted = Counter("dsocr_tasks_submitted", "Tasks accepted (202)", registry=r)
+        self.tasks_finished = Counter(
+            "dsocr_tasks_finished", "Tasks that ended, by final status", ["status"], registry=r
+        )
+        self.tasks_rejected = Counter(
+            "dsocr_tasks_rejected", "Submissions refused, by error code", ["code"], registry=r
+        )
+        self.task_duration = Histogram(
+            "dsocr_task_duration_seconds",
+            "Wall time from start to end of a task",
+            ["status"],
+            buckets=TASK_BUCKETS,
+            registry=r,
+        )
+        self.page_duration = Histogram(
+            "dsocr_page_duration_seconds", "Wall time per recognised page", buckets=PAGE_BUCKETS, registry=r
+        )
+        self.pages_processed = Counter(
+            "dsocr_pages_processed", "Pages recognised, by how they ended", ["outcome"], registry=r
+        )
+        self.queue_depth = Gauge("dsocr_queue_depth", "Tasks waiting in the queue", registry=r)
+        self.tasks_running = Gauge("dsocr_tasks_running", "Tasks being processed now", registry=r)
+        self.workers_alive = Gauge("dsocr_workers_alive", "Worker loops running", registry=r)
+        self.model_loaded = Gauge("dsocr_model_loaded", "1 when the model is in memory", registry=r)
+        self.model_load_seconds = Histogram(
+            "dsocr_model_load_seconds",
+            "Time to load the model",
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.model_unloads = Counter("dsocr_model_unloads", "Idle unloads of the model", registry=r)
+        self.http_requests = Counter(
+            "dsocr_http_requests",
+            "HTTP requests by route template and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "dsocr_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["method", "route"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        r.register(_GpuCollector(gpu_probe))

@@ -1,0 +1,186 @@
+"""Task records and result files on the local disk: the only code that builds paths.
+
+Layout, one directory per task under ``<data_dir>/tasks/<task_id>/``::
+
+    task.json      the record, written atomically (temp file + fsync + rename)
+    input/<name>   the original upload or download
+    raw/pNNNN.json the model's raw output per page, written as soon as the page is done
+    images/        figure crops, pNNNN_NN.png
+    full.md, layout.json, result.json
+
+Routers never see a path: they get open binary streams. Blocking I/O; callers on the event loop
+run these methods in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from PIL import Image
+
+from app.errors import ResultNotFound, StorageError, TaskNotFound
+from app.tasks.model import TASK_ID_PATTERN, TaskRecord
+
+RESULT_FILES = {
+    "full.md": "text/markdown; charset=utf-8",
+    "layout.json": "application/json",
+    "result.json": "application/json",
+}
+IMAGE_NAME = re.compile(r"^p\d{4}_\d{2}\.png$")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` so readers see the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class LocalStore:
+    """Task directories under ``root/tasks`` and upload spool files under ``root/spool``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tasks = root / "tasks"
+        self._spool = root / "spool"
+        try:
+            self._tasks.mkdir(parents=True, exist_ok=True)
+            self._spool.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the data directory {root}: {exc.strerror}") from exc
+
+    # --- paths (private: nothing outside this class joins them) ---
+
+    def _dir(self, task_id: str) -> Path:
+        if not TASK_ID_PATTERN.match(task_id):
+            raise TaskNotFound(f"no task {task_id!r}")
+        return self._tasks / task_id
+
+    # --- spool: uploads land here before a task exists ---
+
+    def spool_path(self) -> Path:
+        """A fresh path for an incoming file; the caller deletes it or hands it to ``create``."""
+        return self._spool / uuid.uuid4().hex
+
+    def clear_spool(self) -> None:
+        """Remove files left by uploads that a crash interrupted."""
+        for leftover in self._spool.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def writable(self) -> bool:
+        return os.access(self._tasks, os.W_OK)
+
+    # --- records ---
+
+    def create(self, record: TaskRecord, spooled_input: Path) -> None:
+        """Store a new task: its input moves in first, so a record never points at a missing file."""
+        task_dir = self._dir(record.task_id)
+        try:
+            (task_dir / "input").mkdir(parents=True)
+            os.replace(spooled_input, task_dir / "input" / record.input_name)
+            self.save(record)
+        except OSError as exc:
+            shutil.rmtree(task_dir, ignore_errors=True)
+            raise StorageError(f"cannot store task {record.task_id}: {exc.strerror}") from exc
+
+    def save(self, record: TaskRecord) -> None:
+        try:
+            _atomic_write(self._dir(record.task_id) / "task.json", record.model_dump_json(indent=2).encode())
+        except OSError as exc:
+            raise StorageError(f"cannot write the record of task {record.task_id}: {exc.strerror}") from exc
+
+    def load(self, task_id: str) -> TaskRecord:
+        path = self._dir(task_id) / "task.json"
+        try:
+            return TaskRecord.model_validate_json(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise TaskNotFound(f"no task {task_id!r}") from exc
+
+    def list_records(self) -> Iterator[TaskRecord]:
+        """Every stored record; unreadable ones are skipped (a crash before the first save)."""
+        for task_dir in self._tasks.iterdir():
+            if not TASK_ID_PATTERN.match(task_dir.name):
+                continue
+            with contextlib.suppress(TaskNotFound, ValueError):
+                yield self.load(task_dir.name)
+
+    def delete(self, task_id: str) -> None:
+        shutil.rmtree(self._dir(task_id), ignore_errors=True)
+
+    # --- the pipeline's files ---
+
+    @contextlib.contextmanager
+    def input_file(self, record: TaskRecord) -> Iterator[Path]:
+        """A local path to the task's input for the renderer, valid inside the ``with`` block."""
+        path = self._dir(record.task_id) / "input" / record.input_name
+        if not path.is_file():
+            raise StorageError(f"the input of task {record.task_id} is missing")
+        yield path
+
+    def write_raw(self, task_id: str, number: int, payload: dict[str, Any]) -> None:
+        raw_dir = self._dir(task_id) / "raw"
+        raw_dir.mkdir(exist_ok=True)
+        _atomic_write(raw_dir / f"p{number:04d}.json", json.dumps(payload, ensure_ascii=False).encode())
+
+    def read_raw(self, task_id: str, number: int) -> dict[str, Any] | None:
+        path = self._dir(task_id) / "raw" / f"p{number:04d}.json"
+        try:
+            return json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a torn write cannot happen (atomic), but a hand-edited file must not stop a task
+
+    def write_image(self, task_id: str, name: str, image: Image.Image) -> None:
+        if not IMAGE_NAME.match(name):
+            raise StorageError(f"refusing to write an image named {name!r}")
+        image_dir = self._dir(task_id) / "images"
+        image_dir.mkdir(exist_ok=True)
+        tmp = image_dir / f".{name}.tmp"
+        image.save(tmp, format="PNG", optimize=False)
+        os.replace(tmp, image_dir / name)
+
+    def write_result(self, task_id: str, name: str, data: bytes) -> None:
+        if name not in RESULT_FILES:
+            raise StorageError(f"unknown result file {name!r}")
+        _atomic_write(self._dir(task_id) / name, data)
+
+    def clear_results(self, task_id: str) -> None:
+        """Drop results of an earlier attempt (raw/ is kept: it is what a resumed task reuses)."""
+        task_dir = self._dir(task_id)
+        shutil.rmtree(task_dir / "images", ignore_errors=True)
+        for name in RESULT_FILES:
+            (task_dir / name).unlink(missing_ok=True)
+
+    # --- downloads ---
+
+    def open_result(self, task_id: str, name: str) -> BinaryIO:
+        """An open stream of ``full.md``, ``layout.json``, ``result.json`` or ``images/<name>``."""
+        task_dir = self._dir(task_id)
+        if name in RESULT_FILES:
+            path = task_dir / name
+        elif name.startswith("images/") and IMAGE_NAME.match(name.removeprefix("images/")):
+            path = task_dir / "images" / name.removeprefix("images/")
+        else:
+            raise ResultNotFound(f"task {task_id} has no result named {name!r}")
+        try:
+            return path.open("rb")
+        except FileNotFoundError as exc:
+            raise ResultNotFound(f"task {task_id} has no result named {name!r}") from exc

@@ -1,0 +1,255 @@
+"""The worker pool: takes tasks from the queue, waits on the GPU gate, runs the page pipeline.
+
+Each worker is an asyncio task started by the app's lifespan. A failure inside a task marks that
+task failed and the worker carries on; a worker loop that dies anyway marks the service not ready.
+Final record writes are shielded from cancellation. On shutdown a running task stops at its next
+page boundary and goes back to ``queued``, to resume from its stored pages on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from app.engines.gpu import GpuGate
+from app.engines.manager import ModelManager
+from app.errors import DsocrError, TaskCanceled, TaskNotFound
+from app.metrics import Metrics
+from app.pipeline.assemble import AssembledPage
+from app.pipeline.run import PageJob, PagePipeline
+from app.schemas import TaskView
+from app.tasks.model import TaskErrorInfo, TaskRecord, TaskStatus
+from app.tasks.options import EngineDefaults, recognize_options
+from app.tasks.service import TaskService
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # starts of one task (restarts included) before it is failed instead of retried
+
+
+class _ShuttingDown(Exception):
+    """Raised at a page boundary when the service stops; the task is queued again, not failed."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    workers: int
+    batch_size: int
+    max_pixels: int
+    engine: EngineDefaults
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        *,
+        service: TaskService,
+        pipeline: PagePipeline,
+        models: ModelManager,
+        gate: GpuGate,
+        metrics: Metrics,
+        config: WorkerConfig,
+    ) -> None:
+        self._service = service
+        self._store = service.store
+        self._pipeline = pipeline
+        self._models = models
+        self._gate = gate
+        self._metrics = metrics
+        self._config = config
+        self._loops: list[asyncio.Task[None]] = []
+        self._busy: set[asyncio.Task[None]] = set()  # loops inside a task, as opposed to waiting for one
+        self._stopping = False
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for loop in self._loops if not loop.done())
+
+    @property
+    def healthy(self) -> bool:
+        return self.alive == len(self._loops) == self._config.workers
+
+    def start(self) -> None:
+        for n in range(self._config.workers):
+            loop = asyncio.create_task(self._run_loop(), name=f"dsocr-worker-{n}")
+            loop.add_done_callback(self._loop_ended)
+            self._loops.append(loop)
+        self._metrics.workers_alive.set(self.alive)
+
+    def _loop_ended(self, loop: asyncio.Task[None]) -> None:
+        self._metrics.workers_alive.set(self.alive)
+        if not loop.cancelled() and loop.exception() is not None:
+            log.error("worker %s died", loop.get_name(), exc_info=loop.exception())
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Let running tasks reach a page boundary (up to ``grace_seconds``), then cancel the loops."""
+        self._stopping = True
+        for loop in self._loops:
+            if loop not in self._busy:
+                loop.cancel()
+        busy = [loop for loop in self._loops if not loop.done()]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=grace_seconds)
+            for loop in late:
+                loop.cancel()  # its task stays "running" on disk and is recovered at the next start
+            await asyncio.gather(*busy, return_exceptions=True)
+        self._loops.clear()
+
+    async def _run_loop(self) -> None:
+        this = asyncio.current_task()
+        assert this is not None
+        while not self._stopping:
+            task_id = await self._service.queue.get()
+            self._busy.add(this)
+            try:
+                await self._process(task_id)
+            finally:
+                self._busy.discard(this)
+                self._service.queue.ack(task_id)
+                self._metrics.queue_depth.set(self._service.queue.depth())
+
+    async def _claim(self, task_id: str) -> TaskRecord | None:
+        """Mark a queued task running; ``None`` when it is gone or no longer queued (canceled)."""
+        async with self._service.status_lock:
+            try:
+                record = await self._service.get(task_id)
+            except TaskNotFound:
+                return None
+            if record.status is not TaskStatus.QUEUED:
+                return None
+            record.status = TaskStatus.RUNNING
+            record.started_at = datetime.now(UTC)
+            record.finished_at = None
+            record.attempts += 1
+            record.waiting_reason = None
+            record.error = None
+            await asyncio.to_thread(self._store.save, record)
+            return record
+
+    async def _wait_for_gpu(self, task_id: str) -> None:
+        async def report(reason: str) -> None:
+            async with self._service.status_lock:
+                record = await self._service.get(task_id)
+                if record.status is TaskStatus.QUEUED:
+                    record.waiting_reason = reason
+                    await asyncio.to_thread(self._store.save, record)
+
+        await self._gate.wait(report)
+
+    async def _process(self, task_id: str) -> None:
+        await self._wait_for_gpu(task_id)
+        record = await self._claim(task_id)
+        if record is None:
+            return
+        if record.attempts > MAX_ATTEMPTS:
+            await self._finish(
+                record,
+                TaskStatus.FAILED,
+                TaskErrorInfo(
+                    code="too_many_attempts",
+                    message=f"the task was interrupted {MAX_ATTEMPTS} times (the service stopped or crashed "
+                    "while running it); it is not retried again",
+                ),
+            )
+            return
+        self._metrics.tasks_running.inc()
+        try:
+            await self._execute(record)
+        except TaskCanceled:
+            await self._finish(record, TaskStatus.CANCELED, None)
+        except _ShuttingDown:
+            record.status = TaskStatus.QUEUED
+            record.started_at = None
+            record.waiting_reason = "interrupted by a shutdown; resumes from its last finished page"
+            await self._save_shielded(record)
+        except DsocrError as exc:
+            log.warning("task %s failed: %s", task_id, exc.message)
+            await self._finish(record, TaskStatus.FAILED, TaskErrorInfo(code=exc.code, message=exc.message))
+        except Exception as exc:
+            log.exception("task %s failed unexpectedly", task_id)
+            await self._finish(
+                record,
+                TaskStatus.FAILED,
+                TaskErrorInfo(
+                    code="internal_error", message=f"unexpected error: {type(exc).__name__}: {exc}"
+                ),
+            )
+        finally:
+            self._metrics.tasks_running.dec()
+            self._service.forget_cancel(task_id)
+
+    async def _execute(self, record: TaskRecord) -> None:
+        task_id = record.task_id
+
+        def check_interrupt() -> None:
+            if self._service.cancel_requested(task_id):
+                raise TaskCanceled("canceled by request")
+            if self._stopping:
+                raise _ShuttingDown
+
+        async def on_page(page: AssembledPage, seconds: float) -> None:
+            record.progress.pages_done += 1
+            if page.truncated and page.number not in record.truncated_pages:
+                record.truncated_pages.append(page.number)
+            await asyncio.to_thread(self._store.save, record)
+
+        record.progress.pages_done = 0
+        record.truncated_pages = []
+        await asyncio.to_thread(self._store.clear_results, task_id)
+        with self._store.input_file(record) as input_path:
+            job = PageJob(
+                task_id=task_id,
+                input_path=input_path,
+                kind=record.input_kind,
+                page_numbers=record.page_numbers,
+                dpi=record.options.dpi,
+                max_pixels=self._config.max_pixels,
+                batch_size=self._config.batch_size,
+                recognize=recognize_options(record.options, self._config.engine),
+            )
+            pages = await self._pipeline.run(job, on_page=on_page, check_interrupt=check_interrupt)
+        await asyncio.to_thread(self._pipeline.write_outputs, task_id, pages)
+        record.images = [name for page in pages for name, _ in page.crops]
+        record.model = self._models.state.model
+        await self._finish(record, TaskStatus.SUCCEEDED, None, pages=pages)
+
+    async def _finish(
+        self,
+        record: TaskRecord,
+        status: TaskStatus,
+        error: TaskErrorInfo | None,
+        pages: list[AssembledPage] | None = None,
+    ) -> None:
+        record.status = status
+        record.error = error
+        record.finished_at = datetime.now(UTC)
+        if pages is not None:
+            view = TaskView.from_record(record).model_dump(mode="json", by_alias=True)
+            view["pages"] = [
+                {
+                    "index": p.index,
+                    "page": p.number,
+                    "markdown": p.markdown,
+                    "truncated": p.truncated,
+                    "truncated_reason": p.truncated_reason,
+                    **{k: p.layout[k] for k in ("width", "height", "dpi")},
+                    "blocks": p.layout["blocks"],
+                }
+                for p in pages
+            ]
+            data = json.dumps(view, ensure_ascii=False).encode()
+            await asyncio.to_thread(self._store.write_result, record.task_id, "result.json", data)
+        await self._save_shielded(record)
+        self._metrics.tasks_finished.labels(status.value).inc()
+        if record.duration_seconds is not None:
+            self._metrics.task_duration.labels(status.value).observe(record.duration_seconds)
+            if status is TaskStatus.SUCCEEDED:
+                self._service.observe_task_seconds(record.duration_seconds)
+        log.info("task %s %s", record.task_id, status.value)
+
+    async def _save_shielded(self, record: TaskRecord) -> None:
+        # The final state must reach the disk even when shutdown cancels this worker mid-write.
+        await asyncio.shield(asyncio.to_thread(self._store.save, record))
