@@ -53,6 +53,7 @@ def create_app(
         limits=Limits(
             max_pages=settings.max_pages,
             max_dpi=settings.max_dpi,
+            max_page_pixels=settings.max_page_pixels,
             result_ttl_hours=settings.result_ttl_hours,
             workers=settings.max_workers,
         ),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pymupdf
 from PIL import Image
@@ -43,3 +45,28 @@ def norm_box(
         round(x1 / width * 999),
         round(y1 / height * 999),
     ]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header declaring a huge size, followed by a few bytes of pixel data (a bomb)."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def huge_page_pdf(side_points: float = 14400) -> bytes:
+    """One page of ``side_points`` square (200 inches): 800 megapixels at 144 dpi if rendered naively."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=side_points, height=side_points)
+    page.insert_text((72, 72), "A very large page", fontsize=200)
+    data = doc.tobytes()
+    doc.close()
+    return data

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.documents import PICTURE_RECT, make_pdf, norm_box, png_bytes
+from tests.documents import PICTURE_RECT, huge_page_pdf, make_pdf, norm_box, png_bytes, png_declaring
 from tests.servers import wait_for
 
 PAGE_1 = (
@@ -248,3 +248,40 @@ def test_result_json_round_trips(make_server):
     result = json.loads(body.content)
     assert result["pages"][0]["blocks"][0]["type"] == "table"
     assert result["pages"][0]["truncated"] is False
+
+
+def test_pages_that_never_finish_are_kept_cut_and_flagged(make_server):
+    looping = "<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\nIntro.\n" + "the same row again\n" * 60
+    long_text = "<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\nWords without end: " + " ".join(
+        f"w{n}" for n in range(200)
+    )
+    server = make_server(answers=[looping, long_text], ds_max_new_tokens=160, ds_batch_size=1)
+    view = upload(server.client, make_pdf(2, picture_page=None)).json()
+    done = finished(server.client, view["task_id"])
+    assert done["status"] == "succeeded"
+    assert done["truncated_pages"] == [1, 2]
+
+    result = server.client.get(done["links"]["json"]).json()
+    reasons = [(page["truncated"], page["truncated_reason"]) for page in result["pages"]]
+    assert reasons == [(True, "repetition"), (True, "max_tokens")]
+    markdown = server.client.get(done["links"]["markdown"]).text
+    assert "Intro." in markdown
+    assert markdown.count("the same row again") == 1
+    assert "Words without end" in markdown
+    layout = server.client.get(done["links"]["layout"]).json()
+    assert [page["truncated"] for page in layout["pages"]] == [True, True]
+
+
+def test_bombs_are_refused_or_rendered_within_the_pixel_limit(make_server):
+    server = make_server(answers=[PAGE_1], max_page_pixels=4_000_000)
+    bomb = upload(server.client, png_declaring(60_000, 60_000), "bomb.png")
+    assert bomb.status_code == 422
+    assert bomb.json()["error"]["code"] == "invalid_document"
+    assert server.task_dirs() == []
+
+    view = upload(server.client, huge_page_pdf()).json()
+    done = finished(server.client, view["task_id"])
+    assert done["status"] == "succeeded"
+    page = server.client.get(done["links"]["layout"]).json()["pages"][0]
+    assert page["width"] * page["height"] <= 4_000_000
+    assert page["dpi"] < 144

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -17,6 +15,7 @@ from PIL import Image
 from app.errors import InvalidDocument, InvalidOptions
 from app.pipeline.pages import PageImage, count_pages, render_pages, select_pages, validate_page_spec
 from app.pipeline.sniff import DocumentKind
+from tests.documents import png_declaring
 
 MAX_PIXELS = 40_000_000  # the service's default APP_MAX_PAGE_PIXELS
 
@@ -47,21 +46,6 @@ def make_pdf(tmp_path: Path) -> Callable[..., Path]:
 def _save(image: Image.Image, path: Path, **params: Any) -> Path:
     image.save(path, **params)
     return path
-
-
-def _png_declaring(width: int, height: int) -> bytes:
-    """A valid PNG header declaring a huge size, followed by a few bytes of pixel data."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 # --- page selection -------------------------------------------------------------------------------
@@ -307,7 +291,7 @@ def test_bytes_that_are_not_the_kind_claimed_are_an_invalid_document(tmp_path: P
 
 def test_an_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path: Path) -> None:
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_declaring(100_000, 100_000))  # 10 Gpx, 30 GB once decoded
+    path.write_bytes(png_declaring(100_000, 100_000))  # 10 Gpx, 30 GB once decoded
     started = time.perf_counter()
     with pytest.raises(InvalidDocument, match="too large"):
         count_pages(path, DocumentKind.PNG)
@@ -318,7 +302,7 @@ def test_an_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path: Pat
 
 def test_an_image_past_four_times_the_pixel_limit_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
-    path.write_bytes(_png_declaring(3000, 3000))
+    path.write_bytes(png_declaring(3000, 3000))
     with pytest.raises(InvalidDocument, match="page 1 is 3000x3000 pixels, over the limit of 4000000"):
         count_pages(path, DocumentKind.PNG, max_pixels=1_000_000)
     with pytest.raises(InvalidDocument, match="over the limit"):

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class Limits:
     max_pages: int
     max_dpi: int
+    max_page_pixels: int
     result_ttl_hours: float
     workers: int
 
@@ -71,7 +72,9 @@ class TaskService:
         try:
             if options.dpi > self.limits.max_dpi:
                 raise InvalidOptions(f"dpi {options.dpi} is above the limit of {self.limits.max_dpi}")
-            page_count = await asyncio.to_thread(count_pages, received.path, received.kind)
+            page_count = await asyncio.to_thread(
+                count_pages, received.path, received.kind, max_pixels=self.limits.max_page_pixels
+            )
             numbers = select_pages(options.pages, page_count)
             if len(numbers) > self.limits.max_pages:
                 raise TooManyPages(

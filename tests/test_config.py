@@ -1,0 +1,31 @@
+"""Settings as users write them in the environment."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings
+
+
+def test_api_keys_accept_the_comma_form(monkeypatch):
+    monkeypatch.setenv("APP_API_KEYS", "sk_a, sk_b ,,sk_c")
+    assert Settings().api_keys == ["sk_a", "sk_b", "sk_c"]
+
+
+def test_empty_values_mean_unset(monkeypatch):
+    monkeypatch.setenv("APP_API_KEYS", "")
+    monkeypatch.setenv("APP_DS_MODEL_PATH", "  ")
+    settings = Settings()
+    assert settings.api_keys == []
+    assert settings.ds_model_path is None
+
+
+def test_bad_values_are_refused_at_start(monkeypatch):
+    monkeypatch.setenv("APP_QUEUE_MAX", "0")
+    with pytest.raises(ValidationError, match="queue_max"):
+        Settings()
+    monkeypatch.setenv("APP_QUEUE_MAX", "5")
+    monkeypatch.setenv("APP_DS_DTYPE", "int4")
+    with pytest.raises(ValidationError, match="ds_dtype"):
+        Settings()
