@@ -9,16 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DType = Literal["bfloat16", "float16", "float32"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class Settings(BaseSettings):
     """The service's configuration; invalid values are refused at start-up, not at the first task."""
 
-    model_config = SettingsConfigDict(env_prefix="APP_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused setting must not print the secrets beside it (keys, passwords).
+    model_config = SettingsConfigDict(
+        env_prefix="APP_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     # --- HTTP ---
     host: str = "0.0.0.0"  # noqa: S104 - a container's service listens on every interface
@@ -51,7 +54,7 @@ class Settings(BaseSettings):
     backend: Literal["hf"] = "hf"
     ds_model_path: str | None = None  # unset: chosen for this environment (see engines.resolve)
     force_cpu: bool = False
-    ds_dtype: DType = "bfloat16"
+    ds_dtype: DType = "auto"  # bfloat16 on CUDA, float32 on CPU (where bf16 is several times slower)
     ds_use_flash_attn: bool = True  # used only when CUDA and the flash_attn package are present
     ds_base_size: int = Field(default=1024, gt=0)  # px, v1 global view
     ds_image_size: int = Field(default=640, gt=0)  # px, v1 tile size
@@ -65,6 +68,39 @@ class Settings(BaseSettings):
     gpu_min_free_mb: int = Field(default=2048, ge=0)  # MiB free on the GPU before a task starts
     gpu_poll_seconds: float = Field(default=2.0, gt=0)
     hf_download_timeout_seconds: float = Field(default=30, gt=0)
+
+    # --- publishing results to object storage (see app.storage.publish) ---
+    # local: nothing is uploaded, "publish" hands out signed share links to this service instead.
+    publish_backend: Literal["local", "s3", "oss"] = "local"
+    auto_publish: bool = False  # publish every task that succeeds, in the background
+    publish_max_attempts: int = Field(default=3, gt=0)  # tries per file before a publish fails
+    publish_backoff_seconds: float = Field(default=1.0, gt=0)  # s, first wait between tries; doubles
+    s3_endpoint_url: str | None = None  # unset: AWS; MinIO, R2, OSS...: their endpoint URL
+    s3_region: str = "us-east-1"
+    s3_bucket: str | None = None
+    s3_access_key_id: str | None = None  # unset with the secret: boto3's own chain (env, IAM role)
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_prefix: str = ""  # objects go under <prefix>/<task_id>/
+    # Alibaba OSS, reached through its S3-compatible API (virtual-hosted, as Alibaba documents).
+    oss_endpoint: str | None = None  # e.g. https://s3.oss-cn-hangzhou.aliyuncs.com
+    oss_bucket: str | None = None
+    oss_access_key_id: str | None = None
+    oss_access_key_secret: SecretStr | None = None
+    oss_prefix: str = ""
+    oss_sign_expire_seconds: int = Field(default=3600, gt=0, le=604_800)  # s, life of published links
+
+    # --- webhooks (see app.storage.webhooks) ---
+    webhook_secret: SecretStr | None = None  # HMAC-SHA256 key; tasks may set callback_url only with it
+    webhook_max_attempts: int = Field(default=5, gt=0)
+    webhook_backoff_seconds: float = Field(default=2.0, gt=0)  # s, first wait between tries; doubles
+    webhook_timeout_seconds: float = Field(default=10, gt=0)  # s, per delivery attempt
+
+    # --- share links (see app.storage.links) ---
+    link_secret: SecretStr | None = None  # unset: random per process, so links die with a restart
+    link_expire_seconds: int = Field(default=3600, gt=0)  # s, default life of a share link
+    link_max_expire_seconds: int = Field(default=604_800, gt=0)  # s, longest life a link may ask for
+    link_base_url: str | None = None  # public URL of this service, for absolute links; unset: request's
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -80,6 +116,56 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator(
+        "s3_endpoint_url",
+        "s3_bucket",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "oss_endpoint",
+        "oss_bucket",
+        "oss_access_key_id",
+        "oss_access_key_secret",
+        "webhook_secret",
+        "link_secret",
+        "link_base_url",
+        mode="before",
+    )
+    @classmethod
+    def _blank_publish_setting_is_unset(cls, value: object) -> object:
+        # ``APP_S3_BUCKET=`` in a compose file means "not set", not a bucket named "".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_publishing(self) -> Settings:
+        """Refuse incomplete publish settings at start-up, naming every missing variable."""
+        missing: list[str] = []
+        if self.publish_backend == "s3":
+            if self.s3_bucket is None:
+                missing.append("APP_S3_BUCKET")
+            # One key without the other is a typo, never a choice; neither means boto3's own chain.
+            if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+                missing.append(
+                    "APP_S3_ACCESS_KEY_ID" if self.s3_access_key_id is None else "APP_S3_SECRET_ACCESS_KEY"
+                )
+        elif self.publish_backend == "oss":
+            required = {
+                "APP_OSS_ENDPOINT": self.oss_endpoint,
+                "APP_OSS_BUCKET": self.oss_bucket,
+                "APP_OSS_ACCESS_KEY_ID": self.oss_access_key_id,
+                "APP_OSS_ACCESS_KEY_SECRET": self.oss_access_key_secret,
+            }
+            missing = [name for name, value in required.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"APP_PUBLISH_BACKEND={self.publish_backend} needs {', '.join(missing)}; set them or "
+                "use APP_PUBLISH_BACKEND=local"
+            )
+        if self.link_expire_seconds > self.link_max_expire_seconds:
+            raise ValueError("APP_LINK_EXPIRE_SECONDS is above APP_LINK_MAX_EXPIRE_SECONDS")
+        return self
 
     @property
     def max_upload_bytes(self) -> int:

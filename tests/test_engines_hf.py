@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.engines.base import END_MARKER, OCREngine, PageText, RecognizeOptions
-from app.engines.hf import HFEngine, build_engine, pick_device
+from app.engines.hf import HFEngine, build_engine, pick_device, torch_dtype
 from app.engines.remote_code import RemoteCodeEngine
 from app.engines.resolve import ModelChoice, ModelFamily
 from app.errors import EngineError, ModelUnavailable
@@ -269,3 +269,9 @@ def test_remote_code_written_for_old_transformers_is_unavailable(tmp_path: Path)
     with pytest.raises(ModelUnavailable, match=r"needs transformers < 4\.48 \(found 5\.") as caught:
         engine.load()
     assert "LlamaFlashAttention2" in caught.value.message
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_cpu():
+    assert torch_dtype("auto", "cuda") is torch.bfloat16
+    assert torch_dtype("auto", "cpu") is torch.float32
+    assert torch_dtype("bfloat16", "cpu") is torch.bfloat16

@@ -35,8 +35,14 @@ def pick_device(force_cpu: bool) -> str:
     return "cuda" if torch.cuda.is_available() and not force_cpu else "cpu"
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for ``APP_DS_DTYPE`` (``bfloat16``, ``float16`` or ``float32``)."""
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype for ``APP_DS_DTYPE`` on ``device``.
+
+    ``auto`` is bfloat16 on CUDA and float32 on CPU: CPUs without native bf16 matmuls run the model
+    4-13x slower in bfloat16 than in float32 (measured on the tiny model, 2 cores).
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         return _DTYPES[name]
     except KeyError:
@@ -86,7 +92,7 @@ class HFEngine(OCREngine):
         self.model_name = model_path
         self.max_batch_size = batch_size
         self._device = device
-        self._dtype = torch_dtype(dtype)
+        self._dtype = torch_dtype(dtype, device)
         self._use_flash_attn = use_flash_attn
         self._no_repeat_ngram_size = no_repeat_ngram_size
         self._logits_processors = logits_processors

@@ -50,7 +50,7 @@ class RemoteCodeEngine(OCREngine):
     ) -> None:
         self.model_name = model_path
         self._device = device
-        self._dtype = torch_dtype(dtype)
+        self._dtype = torch_dtype(dtype, device)
         self._use_flash_attn = use_flash_attn
         self._requires_cuda = requires_cuda
         self._model: Any = None
