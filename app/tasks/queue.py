@@ -37,6 +37,9 @@ class TaskQueue(Protocol):
     def ack(self, task_id: str) -> None:
         """The worker is done with ``task_id`` (whatever its outcome)."""
 
+    def discard(self, task_id: str) -> None:
+        """Drop a waiting task (canceled): it no longer counts toward the bound and is never delivered."""
+
     def depth(self) -> int:
         """Tasks waiting, reservations included."""
 
@@ -53,7 +56,7 @@ class _MemoryReservation:
         if self._open:
             self._open = False
             self._queue._reserved -= 1
-            self._queue._items.put_nowait(task_id)
+            self._queue.requeue(task_id)
 
     def release(self) -> None:
         if self._open:
@@ -72,6 +75,8 @@ class MemoryQueue:
         self.maxsize = maxsize
         self._items: asyncio.Queue[str] = asyncio.Queue()
         self._reserved = 0  # slots taken by submits that are still storing their task
+        self._waiting: set[str] = set()  # ids in _items, to tell whether a discard concerns a waiting task
+        self._discarded: set[str] = set()  # canceled while waiting; skipped by get()
 
     def full(self) -> bool:
         return self.depth() >= self.maxsize
@@ -83,13 +88,24 @@ class MemoryQueue:
         return _MemoryReservation(self)
 
     def requeue(self, task_id: str) -> None:
+        self._waiting.add(task_id)
         self._items.put_nowait(task_id)
 
     async def get(self) -> str:
-        return await self._items.get()
+        while True:
+            task_id = await self._items.get()
+            self._waiting.discard(task_id)
+            if task_id not in self._discarded:
+                return task_id
+            self._discarded.discard(task_id)
+            self._items.task_done()
 
     def ack(self, task_id: str) -> None:
         self._items.task_done()
 
+    def discard(self, task_id: str) -> None:
+        if task_id in self._waiting:  # a task already handed to a worker is that worker's to skip
+            self._discarded.add(task_id)
+
     def depth(self) -> int:
-        return self._items.qsize() + self._reserved
+        return self._items.qsize() - len(self._discarded) + self._reserved

@@ -158,6 +158,7 @@ class TaskService:
             record.finished_at = datetime.now(UTC)
             record.waiting_reason = None
             await asyncio.to_thread(self.store.save, record)
+            self.queue.discard(task_id)
         self.metrics.tasks_finished.labels(TaskStatus.CANCELED.value).inc()
         self.metrics.queue_depth.set(self.queue.depth())
         return record
