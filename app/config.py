@@ -49,9 +49,10 @@ class Settings(BaseSettings):
     # --- job system ---
     queue_max: int = Field(default=100, gt=0)  # tasks waiting (not running) before submit answers 429
     max_workers: int = Field(default=1, gt=0)  # tasks processed at once
+    events_ping_seconds: float = Field(default=15, gt=0)  # s, keep-alive comment on idle event streams
 
     # --- model and engine ---
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"  # vllm: see the "vLLM" block below
     ds_model_path: str | None = None  # unset: chosen for this environment (see engines.resolve)
     force_cpu: bool = False
     ds_dtype: DType = "auto"  # bfloat16 on CUDA, float32 on CPU (where bf16 is several times slower)
@@ -68,6 +69,30 @@ class Settings(BaseSettings):
     gpu_min_free_mb: int = Field(default=2048, ge=0)  # MiB free on the GPU before a task starts
     gpu_poll_seconds: float = Field(default=2.0, gt=0)
     hf_download_timeout_seconds: float = Field(default=30, gt=0)
+
+    # --- vLLM (APP_BACKEND=vllm; see app.engines.vllm) ---
+    # Base URL of an OpenAI-compatible server (vllm serve, SGLang, transformers serve), e.g.
+    # http://vllm:8000 (a trailing /v1 is accepted); unset: vLLM inside this process.
+    vllm_url: str | None = None
+    # Model name sent to the server; unset: the first one its /v1/models lists. In-process: the
+    # checkpoint vLLM loads (unset: APP_DS_MODEL_PATH, else deepseek-ai/DeepSeek-OCR).
+    vllm_model: str | None = None
+    vllm_api_key: SecretStr | None = None  # Bearer key for the server
+    vllm_concurrency: int = Field(default=16, gt=0)  # page requests in flight, across all tasks
+    vllm_max_tokens: int = Field(default=8192, gt=0)  # tokens per page (replaces APP_DS_MAX_NEW_TOKENS)
+    vllm_timeout_seconds: float = Field(default=600, gt=0)  # s, per page request (queueing included)
+    vllm_retries: int = Field(default=3, ge=0)  # extra attempts after a failed request; backoff doubles
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # in-process only
+    vllm_max_model_len: int | None = Field(default=None, gt=0)  # tokens, in-process only; unset: model's
+    # What the server is, for the extras it accepts (auto: /v1/models' owned_by; openai: none).
+    vllm_server_kind: Literal["auto", "vllm", "sglang", "openai"] = "auto"
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _vllm_url_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip().lower().startswith(("http://", "https://")):
+            raise ValueError(f"APP_VLLM_URL must be an http:// or https:// URL, not {value!r}")
+        return value
 
     # --- publishing results to object storage (see app.storage.publish) ---
     # local: nothing is uploaded, "publish" hands out signed share links to this service instead.
@@ -100,7 +125,7 @@ class Settings(BaseSettings):
     link_secret: SecretStr | None = None  # unset: random per process, so links die with a restart
     link_expire_seconds: int = Field(default=3600, gt=0)  # s, default life of a share link
     link_max_expire_seconds: int = Field(default=604_800, gt=0)  # s, longest life a link may ask for
-    link_base_url: str | None = None  # public URL of this service, for absolute links; unset: request's
+    link_base_url: str | None = None  # public URL of this service, for absolute links; unset: relative
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -110,14 +135,13 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("ds_model_path", "ds_prompt_override", mode="before")
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip():
-            return None
-        return value
-
     @field_validator(
+        "ds_model_path",
+        "ds_prompt_override",
+        "vllm_url",
+        "vllm_model",
+        "vllm_api_key",
+        "vllm_max_model_len",
         "s3_endpoint_url",
         "s3_bucket",
         "s3_access_key_id",
@@ -132,8 +156,8 @@ class Settings(BaseSettings):
         mode="before",
     )
     @classmethod
-    def _blank_publish_setting_is_unset(cls, value: object) -> object:
-        # ``APP_S3_BUCKET=`` in a compose file means "not set", not a bucket named "".
+    def _blank_is_unset(cls, value: object) -> object:
+        # ``APP_S3_BUCKET=`` in a compose file or a chart means "not set", not a bucket named "".
         if isinstance(value, str) and not value.strip():
             return None
         return value

@@ -7,6 +7,8 @@ stores the same ``code`` and ``message`` on its record.
     DsocrError (500, internal_error)
     ├── ClientError (400, bad_request)
     │   ├── Unauthorized (401, unauthorized)
+    │   ├── LinkInvalid (403, link_invalid)
+    │   │   └── LinkExpired (403, link_expired)
     │   ├── TaskNotFound (404, task_not_found)
     │   ├── ResultNotFound (404, result_not_found)
     │   ├── TaskNotFinished (409, task_not_finished)
@@ -16,6 +18,7 @@ stores the same ``code`` and ``message`` on its record.
     │   ├── InvalidOptions (422, invalid_options)
     │   ├── InvalidDocument (422, invalid_document)
     │   ├── TooManyPages (422, too_many_pages)
+    │   ├── IdempotencyKeyReused (422, idempotency_key_reused)
     │   ├── UrlNotAllowed (400, url_not_allowed)
     │   ├── UrlFetchFailed (400, url_fetch_failed)
     │   └── QueueFull (429, queue_full; carries retry_after seconds)
@@ -25,6 +28,7 @@ stores the same ``code`` and ``message`` on its record.
         │   └── ModelUnavailable (503, model_unavailable)
         ├── StorageError (500, storage_error)
         ├── PageFailed (500, page_failed)
+        ├── PublishFailed (502, publish_failed)
         └── TaskCanceled (499, canceled; internal: stops a running task at a page boundary)
 
 Library exceptions (torch, httpx, PyMuPDF, PIL) are translated where the library is called,
@@ -57,6 +61,19 @@ class Unauthorized(ClientError):
 
     status_code = 401
     code = "unauthorized"
+
+
+class LinkInvalid(ClientError):
+    """Raised for a share link whose signature does not match (tampered, or from another secret)."""
+
+    status_code = 403
+    code = "link_invalid"
+
+
+class LinkExpired(LinkInvalid):
+    """Raised for a correctly signed share link used after its expiry."""
+
+    code = "link_expired"
 
 
 class TaskNotFound(ClientError):
@@ -122,6 +139,13 @@ class TooManyPages(ClientError):
     code = "too_many_pages"
 
 
+class IdempotencyKeyReused(ClientError):
+    """Raised when an ``Idempotency-Key`` comes back with another document or other options."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
 class UrlNotAllowed(ClientError):
     """Raised for a URL whose scheme is not http(s) or whose host resolves to a non-public address."""
 
@@ -181,6 +205,13 @@ class PageFailed(ServerError):
     """Raised when one page of a task cannot be processed; the message names the page."""
 
     code = "page_failed"
+
+
+class PublishFailed(ServerError):
+    """Raised when a task's results cannot be published; the task and its results are unchanged."""
+
+    status_code = 502
+    code = "publish_failed"
 
 
 class TaskCanceled(ServerError):

@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import secrets
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
 from app import __version__
-from app.api import system, tasks
+from app.api import links, system, tasks
 from app.api.errors import install_error_handlers
 from app.api.http_metrics import HttpMetricsMiddleware
 from app.config import Settings
+from app.engines.factory import engine_factory as default_engine_factory
+from app.engines.factory import server_health_check
 from app.engines.gpu import GpuGate, GpuProbe, NoGpu, NvmlProbe
 from app.engines.manager import EngineFactory, ModelManager
 from app.metrics import Metrics
 from app.pipeline.run import PagePipeline
+from app.storage.links import LinkSigner
 from app.storage.local import LocalStore
+from app.storage.publish import publisher_from_settings
+from app.storage.webhooks import WebhookSender
+from app.tasks.downloads import Downloads
+from app.tasks.events import MemoryEventHub
+from app.tasks.followups import FollowUps
 from app.tasks.options import EngineDefaults
 from app.tasks.queue import MemoryQueue
 from app.tasks.service import Limits, TaskService
 from app.tasks.worker import WorkerConfig, WorkerPool
+
+log = logging.getLogger(__name__)
 
 JANITOR_INTERVAL_SECONDS = 600
 SHUTDOWN_GRACE_SECONDS = 20  # time a running task gets to reach a page boundary on shutdown
@@ -38,18 +50,55 @@ def create_app(
     (tests stand in a scripted model or a GPU); by default both come from ``settings``."""
     settings = settings or Settings()
     if engine_factory is None:
-        from app.engines.factory import engine_factory as default_factory  # imports torch: only when used
-
-        engine_factory = default_factory(settings)
+        engine_factory = default_engine_factory(settings)  # torch is imported when the engine is built
     probe: GpuProbe = gpu_probe or (NoGpu() if settings.force_cpu else NvmlProbe())
     metrics = Metrics(probe)
+    # vLLM reserves its share of the GPU up front (APP_VLLM_GPU_MEMORY_UTILIZATION, here or on its
+    # server) and schedules within it: gating tasks on what it left free would stop them all.
+    gate_free_mb = settings.gpu_min_free_mb if settings.backend == "hf" else 0
     store = LocalStore(settings.data_dir)
     queue = MemoryQueue(settings.queue_max)
-    models = ModelManager(engine_factory, idle_seconds=settings.model_idle_seconds, metrics=metrics)
+    models = ModelManager(
+        engine_factory,
+        idle_seconds=settings.model_idle_seconds,
+        metrics=metrics,
+        health_check=server_health_check(settings),
+    )
+    if settings.link_secret is not None:
+        link_secret = settings.link_secret.get_secret_value().encode()
+    else:
+        link_secret = secrets.token_bytes(32)
+        log.warning("APP_LINK_SECRET is unset: share links use a random key and stop working at a restart")
+    signer = LinkSigner(link_secret)
+    webhooks = None
+    if settings.webhook_secret is not None:
+        webhooks = WebhookSender(
+            secret=settings.webhook_secret.get_secret_value().encode(),
+            allow_private=settings.url_allow_private,
+            timeout_seconds=settings.webhook_timeout_seconds,
+            max_attempts=settings.webhook_max_attempts,
+            backoff_seconds=settings.webhook_backoff_seconds,
+            user_agent=f"dsocr-server/{__version__}",
+        )
+    followups = FollowUps(
+        store=store,
+        publisher=publisher_from_settings(settings, store=store, signer=signer),
+        webhooks=webhooks,
+        auto_publish=settings.auto_publish,
+    )
+    downloads = Downloads(
+        store=store,
+        signer=signer,
+        base_url=settings.link_base_url,
+        default_expire_seconds=settings.link_expire_seconds,
+        max_expire_seconds=settings.link_max_expire_seconds,
+    )
     service = TaskService(
         store=store,
         queue=queue,
         metrics=metrics,
+        events=MemoryEventHub(),
+        followups=followups,
         limits=Limits(
             max_pages=settings.max_pages,
             max_dpi=settings.max_dpi,
@@ -62,7 +111,7 @@ def create_app(
         service=service,
         pipeline=PagePipeline(store=store, models=models, metrics=metrics),
         models=models,
-        gate=GpuGate(probe, min_free_mb=settings.gpu_min_free_mb, poll_seconds=settings.gpu_poll_seconds),
+        gate=GpuGate(probe, min_free_mb=gate_free_mb, poll_seconds=settings.gpu_poll_seconds),
         metrics=metrics,
         config=WorkerConfig(
             workers=settings.max_workers,
@@ -83,6 +132,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(service.recover)
         pool.start()
+        for task_id in await asyncio.to_thread(followups.unfinished):
+            followups.launch(task_id)  # publishes and webhooks a stopped process left unfinished
         background = [
             asyncio.create_task(models.run_idle_reaper(), name="dsocr-model-reaper"),
             asyncio.create_task(service.run_janitor(JANITOR_INTERVAL_SECONDS), name="dsocr-janitor"),
@@ -91,6 +142,7 @@ def create_app(
             yield
         finally:
             await pool.stop(SHUTDOWN_GRACE_SECONDS)
+            await followups.stop()  # after the pool: a task ending during its grace still plans its own
             for job in background:
                 job.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -106,10 +158,14 @@ def create_app(
     app.state.tasks = service
     app.state.models = models
     app.state.pool = pool
+    app.state.followups = followups
+    app.state.downloads = downloads
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.include_router(tasks.router)
+    app.include_router(tasks.convert_router)
+    app.include_router(links.router)  # share links: no API key, the signature is the credential
     app.include_router(system.router)
 
     @app.get("/", include_in_schema=False)

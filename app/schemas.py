@@ -6,7 +6,17 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from app.tasks.model import Progress, SourceInfo, TaskErrorInfo, TaskOptions, TaskRecord, TaskStatus
+from app.tasks.model import (
+    Progress,
+    PublishState,
+    QueueEstimate,
+    SourceInfo,
+    TaskErrorInfo,
+    TaskOptions,
+    TaskRecord,
+    TaskStatus,
+    WebhookState,
+)
 
 
 class TaskCreate(BaseModel):
@@ -23,6 +33,7 @@ class TaskLinks(BaseModel):
     markdown: str | None = None
     json_: str | None = Field(default=None, alias="json")
     layout: str | None = None
+    zip: str | None = None
     images: list[str] = Field(default_factory=list)
 
     model_config = {"populate_by_name": True}
@@ -46,9 +57,25 @@ class TaskView(BaseModel):
     truncated_pages: list[int] = Field(description="Pages that never reached the end marker.")
     model: str | None
     links: TaskLinks
+    publish: PublishState | None = Field(
+        default=None, description="The latest publish to object storage (or of share links), with its links."
+    )
+    webhook: WebhookState | None = Field(default=None, description="Delivery of the callback_url webhook.")
+    queue_position: int | None = Field(
+        default=None, description="1 = the next task to start; null unless the task is queued."
+    )
+    estimated_start_at: datetime | None = Field(
+        default=None,
+        description="When a queued task should start, from the measured seconds per page of the tasks "
+        "ahead; null until a page was timed, or unless queued.",
+    )
+    estimated_end_at: datetime | None = Field(
+        default=None, description="When a queued task should end, likewise; null unless queued."
+    )
 
     @classmethod
-    def from_record(cls, record: TaskRecord) -> TaskView:
+    def from_record(cls, record: TaskRecord, estimate: QueueEstimate | None = None) -> TaskView:
+        """The view of ``record``; ``estimate`` (from the task service) fills the queue fields."""
         base = f"/v1/tasks/{record.task_id}"
         links = TaskLinks(self=base)
         if record.status is TaskStatus.SUCCEEDED:
@@ -57,6 +84,7 @@ class TaskView(BaseModel):
                 markdown=f"{base}/result.md",
                 json=f"{base}/result.json",
                 layout=f"{base}/layout.json",
+                zip=f"{base}/result.zip",
                 images=[f"{base}/images/{name}" for name in record.images],
             )
         return cls(
@@ -75,7 +103,41 @@ class TaskView(BaseModel):
             truncated_pages=record.truncated_pages,
             model=record.model,
             links=links,
+            publish=record.publish,
+            webhook=record.webhook,
+            queue_position=estimate.position if estimate else None,
+            estimated_start_at=estimate.start_at if estimate else None,
+            estimated_end_at=estimate.end_at if estimate else None,
         )
+
+
+class TaskList(BaseModel):
+    """A page of ``GET /v1/tasks``, newest first."""
+
+    tasks: list[TaskView]
+    next_cursor: str | None = Field(
+        description="Pass as ``cursor`` for the next (older) page; null on the last page."
+    )
+
+
+class LinkCreate(BaseModel):
+    """Body of ``POST /v1/tasks/{id}/links``: which result file to share, and for how long."""
+
+    file: str = Field(
+        max_length=64,
+        description='"full.md", "layout.json", "result.json", "result.zip" or "images/<name>".',
+    )
+    expires_in: int | None = Field(
+        default=None, gt=0, description="Seconds the link works; default APP_LINK_EXPIRE_SECONDS."
+    )
+
+
+class LinkView(BaseModel):
+    """A share link: works without an API key, for one file, until ``expires_at``."""
+
+    file: str
+    url: str = Field(description="Absolute with APP_LINK_BASE_URL set, else relative to the service root.")
+    expires_at: datetime
 
 
 class ErrorDetail(BaseModel):

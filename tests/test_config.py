@@ -29,3 +29,12 @@ def test_bad_values_are_refused_at_start(monkeypatch):
     monkeypatch.setenv("APP_DS_DTYPE", "int4")
     with pytest.raises(ValidationError, match="ds_dtype"):
         Settings()
+
+
+def test_blank_optional_numbers_mean_unset(monkeypatch):
+    # A chart or compose file renders unset values as "": that must not stop the service.
+    monkeypatch.setenv("APP_VLLM_MAX_MODEL_LEN", "")
+    monkeypatch.setenv("APP_VLLM_URL", " ")
+    settings = Settings()
+    assert settings.vllm_max_model_len is None
+    assert settings.vllm_url is None

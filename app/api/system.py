@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -27,6 +28,9 @@ async def read_readiness(request: Request) -> JSONResponse:
     models = state.models.state
     pool = state.pool
     writable = state.tasks.store.writable()
+    # The vllm engine's OCR server, when it has one: reported, not required, so that results stay
+    # reachable (and tasks keep queueing) while that server restarts.
+    server = await state.models.server_health()
     body: dict[str, Any] = {
         "status": "ready" if pool.healthy and writable else "not_ready",
         "workers": {"alive": pool.alive, "configured": state.settings.max_workers},
@@ -37,6 +41,7 @@ async def read_readiness(request: Request) -> JSONResponse:
             "name": models.model,
             "detail": models.detail,
             "last_error": models.last_error,
+            "server": dataclasses.asdict(server) if server is not None else None,
         },
     }
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)

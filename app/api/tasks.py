@@ -1,29 +1,36 @@
-"""Routes of ``/v1/tasks``: create from an upload or a URL, read, cancel, download results."""
+"""Routes of ``/v1/tasks`` and ``POST /v1/convert``: create, list, read, follow, cancel, download."""
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
-from typing import Annotated, Any, BinaryIO
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from app.api.deps import ApiKeyDep, SettingsDep, TasksDep
+from app.api.deps import ApiKeyDep, CallerDep, SettingsDep, TasksDep
+from app.api.links import DownloadsDep, FollowUpsDep, stream_file
+from app.api.sse import event_stream
+from app.config import Settings
 from app.errors import InvalidOptions
-from app.pipeline.sources import fetch_url, receive_multipart
-from app.schemas import ErrorBody, TaskCreate, TaskView
+from app.pipeline.sources import ReceivedFile, fetch_url, receive_multipart
+from app.schemas import ErrorBody, LinkCreate, LinkView, TaskCreate, TaskList, TaskView
 from app.storage.local import RESULT_FILES
-from app.tasks.model import TaskOptions
+from app.tasks.model import PublishState, TaskOptions, TaskStatus
+from app.tasks.service import Created, TaskService
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], dependencies=[ApiKeyDep])
+convert_router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[ApiKeyDep])
 
 TaskId = Annotated[str, Path(description="The task id returned at creation.", max_length=64)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
-_UPLOAD_FORM = {
+_UPLOAD_FORM: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -41,7 +48,22 @@ _UPLOAD_FORM = {
         },
     }
 }
-CHUNK = 64 * 1024
+_CREATED = {
+    200: {"model": TaskView, "description": "An Idempotency-Key retry: the task the first request created."},
+    **_ERRORS,
+}
+CONVERT_WAIT_SECONDS = 30  # default of POST /v1/convert's ``wait``
+CONVERT_MAX_WAIT_SECONDS = 300
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retry-safe create: the same key and the same request within 24 h return the "
+        "first task (200) instead of a second one; the key with another request is refused (422).",
+    ),
+]
 
 
 def _options_from_form(fields: dict[str, str]) -> TaskOptions:
@@ -59,22 +81,10 @@ def _options_from_form(fields: dict[str, str]) -> TaskOptions:
         raise InvalidOptions(problems) from exc
 
 
-def _stream(handle: BinaryIO) -> Iterator[bytes]:
-    # A plain iterator: Starlette runs it in a thread, so reads never block the event loop.
-    with handle:
-        while chunk := handle.read(CHUNK):
-            yield chunk
-
-
-@router.post(
-    "/upload",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=TaskView,
-    responses=_ERRORS,
-    openapi_extra=_UPLOAD_FORM,
-)
-async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep) -> TaskView:
-    """Upload a PDF or image (multipart field ``file``) and queue it for OCR."""
+async def _receive_upload(
+    request: Request, tasks: TaskService, settings: Settings
+) -> tuple[ReceivedFile, TaskOptions]:
+    """The multipart upload, spooled to disk, and its options; nothing is left behind on refusal."""
     tasks.ensure_capacity()
     form = await receive_multipart(
         request.headers.get("content-type"),
@@ -84,19 +94,17 @@ async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep) 
         max_bytes=settings.max_upload_bytes,
     )
     try:
-        options = _options_from_form(form.fields)
+        return form.file, _options_from_form(form.fields)
     except InvalidOptions:
         form.file.path.unlink(missing_ok=True)
         raise
-    return TaskView.from_record(await tasks.submit(form.file, options))
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskView, responses=_ERRORS)
-async def create_task(body: TaskCreate, tasks: TasksDep, settings: SettingsDep) -> TaskView:
-    """Fetch a PDF or image from a URL and queue it for OCR."""
-    tasks.ensure_capacity()
-    received = await fetch_url(
-        str(body.url),
+def _fetcher(url: str, tasks: TaskService, settings: Settings) -> Callable[[], Awaitable[ReceivedFile]]:
+    """Downloads ``url`` when called: after an Idempotency-Key check, which may make it needless."""
+    return functools.partial(
+        fetch_url,
+        url,
         tasks.spool_path(),
         max_bytes=settings.max_upload_bytes,
         allow_private=settings.url_allow_private,
@@ -104,47 +112,242 @@ async def create_task(body: TaskCreate, tasks: TasksDep, settings: SettingsDep) 
         read_timeout=settings.url_read_timeout_seconds,
         max_redirects=settings.url_max_redirects,
     )
-    return TaskView.from_record(await tasks.submit(received, body.options, url=str(body.url)))
+
+
+def _accepted(tasks: TaskService, created: Created, response: Response) -> TaskView:
+    if created.replayed:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    return tasks.view(created.record)
+
+
+@router.post(
+    "/upload",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskView,
+    responses=_CREATED,
+    openapi_extra=_UPLOAD_FORM,
+)
+async def upload_task(
+    request: Request,
+    response: Response,
+    tasks: TasksDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> TaskView:
+    """Upload a PDF or image (multipart field ``file``) and queue it for OCR."""
+    received, options = await _receive_upload(request, tasks, settings)
+    created = await tasks.create_from_upload(received, options, owner=caller, idempotency_key=idempotency_key)
+    return _accepted(tasks, created, response)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskView, responses=_CREATED)
+async def create_task(
+    body: TaskCreate,
+    response: Response,
+    tasks: TasksDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> TaskView:
+    """Fetch a PDF or image from a URL and queue it for OCR."""
+    tasks.ensure_capacity()
+    fetch = _fetcher(str(body.url), tasks, settings)
+    created = await tasks.create_from_url(
+        str(body.url), body.options, fetch, owner=caller, idempotency_key=idempotency_key
+    )
+    return _accepted(tasks, created, response)
+
+
+@router.get("", response_model=TaskList, responses=_ERRORS)
+async def list_tasks(
+    tasks: TasksDep,
+    caller: CallerDep,
+    status_: Annotated[TaskStatus | None, Query(alias="status", description="Only tasks in this status.")] = (
+        None
+    ),
+    limit: Annotated[int, Query(ge=1, le=100, description="Tasks per page.")] = 20,
+    cursor: Annotated[str | None, Query(max_length=100, description="A previous page's next_cursor.")] = None,
+) -> TaskList:
+    """List your tasks, newest first, a page at a time."""
+    return await tasks.list_tasks(owner=caller, status=status_, limit=limit, cursor=cursor)
 
 
 @router.get("/{task_id}", response_model=TaskView, responses=_ERRORS)
-async def read_task(task_id: TaskId, tasks: TasksDep) -> TaskView:
-    """Read a task's status, progress and links."""
-    return TaskView.from_record(await tasks.get(task_id))
+async def read_task(
+    task_id: TaskId,
+    tasks: TasksDep,
+    caller: CallerDep,
+    wait: Annotated[
+        float, Query(ge=0, le=60, description="Seconds to wait for the task to end before answering.")
+    ] = 0,
+) -> TaskView:
+    """Read a task's status, progress and links; with ``wait``, once it ends (or the wait is over)."""
+    return tasks.view(await tasks.wait(task_id, owner=caller, seconds=wait))
 
 
 @router.delete("/{task_id}", response_model=TaskView, responses=_ERRORS)
-async def cancel_task(task_id: TaskId, tasks: TasksDep) -> TaskView:
+async def cancel_task(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> TaskView:
     """Cancel a queued task, or a running one at its next page."""
-    return TaskView.from_record(await tasks.cancel(task_id))
+    return tasks.view(await tasks.cancel(task_id, caller))
 
 
-async def _result(tasks: TasksDep, task_id: str, name: str, media_type: str) -> StreamingResponse:
-    handle = await tasks.open_result(task_id, name)
-    return StreamingResponse(_stream(handle), media_type=media_type)
+@router.get(
+    "/{task_id}/events",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "status, page and end events"},
+        204: {"description": "Last-Event-ID was the task's end already: nothing follows"},
+        **_ERRORS,
+    },
+)
+async def stream_task_events(
+    task_id: TaskId,
+    tasks: TasksDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    last_event_id: Annotated[
+        str | None, Header(max_length=20, description="The id of the last event received, to resume.")
+    ] = None,
+) -> Response:
+    """Follow a task as Server-Sent Events: each status change and finished page, then its end."""
+    events = await tasks.follow(task_id, owner=caller, last_event_id=last_event_id)
+    if events is None:  # 204 is how SSE tells a client (EventSource) to stop reconnecting
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return event_stream(events, ping_seconds=settings.events_ping_seconds)
+
+
+async def _result(
+    tasks: TaskService, task_id: str, name: str, caller: str | None, headers: dict[str, str] | None = None
+) -> StreamingResponse:
+    handle = await tasks.open_result(task_id, name, caller)
+    media_type = RESULT_FILES.get(name, "image/png")  # the rest are images/<name>
+    return StreamingResponse(stream_file(handle), media_type=media_type, headers=headers)
 
 
 @router.get("/{task_id}/result.md", responses={200: {"content": {"text/markdown": {}}}, **_ERRORS})
-async def read_markdown(task_id: TaskId, tasks: TasksDep) -> StreamingResponse:
+async def read_markdown(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> StreamingResponse:
     """Download the merged Markdown of every page."""
-    return await _result(tasks, task_id, "full.md", RESULT_FILES["full.md"])
+    return await _result(tasks, task_id, "full.md", caller)
 
 
 @router.get("/{task_id}/result.json", responses=_ERRORS)
-async def read_result_json(task_id: TaskId, tasks: TasksDep) -> StreamingResponse:
+async def read_result_json(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> StreamingResponse:
     """Download the task view with every page's Markdown and blocks."""
-    return await _result(tasks, task_id, "result.json", RESULT_FILES["result.json"])
+    return await _result(tasks, task_id, "result.json", caller)
 
 
 @router.get("/{task_id}/layout.json", responses=_ERRORS)
-async def read_layout(task_id: TaskId, tasks: TasksDep) -> StreamingResponse:
+async def read_layout(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> StreamingResponse:
     """Download the layout: every block's type, pixel box and 0-999 box per page."""
-    return await _result(tasks, task_id, "layout.json", RESULT_FILES["layout.json"])
+    return await _result(tasks, task_id, "layout.json", caller)
 
 
 @router.get("/{task_id}/images/{name}", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
 async def read_image(
-    task_id: TaskId, name: Annotated[str, Path(max_length=64)], tasks: TasksDep
+    task_id: TaskId, name: Annotated[str, Path(max_length=64)], tasks: TasksDep, caller: CallerDep
 ) -> StreamingResponse:
     """Download one cropped figure (names as in the task's links)."""
-    return await _result(tasks, task_id, f"images/{name}", "image/png")
+    return await _result(tasks, task_id, f"images/{name}", caller)
+
+
+async def _owned_task_id(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> str:
+    """The path's task id, once the caller may see that task (404 as for a missing one otherwise)."""
+    await tasks.get(task_id, caller)
+    return task_id
+
+
+OwnedTaskId = Annotated[str, Depends(_owned_task_id)]
+
+
+@router.get("/{task_id}/result.zip", responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
+async def read_archive(task_id: OwnedTaskId, downloads: DownloadsDep) -> StreamingResponse:
+    """Download full.md, layout.json, result.json and images/ as one zip, streamed as it is built."""
+    chunks = await downloads.archive(task_id)
+    headers = {"Content-Disposition": f'attachment; filename="{task_id}.zip"'}
+    return StreamingResponse(chunks, media_type="application/zip", headers=headers)
+
+
+@router.post(
+    "/{task_id}/publish",
+    response_model=PublishState,
+    responses={502: {"model": ErrorBody, "description": "the upload failed"}, **_ERRORS},
+)
+async def publish_task(task_id: OwnedTaskId, followups: FollowUpsDep) -> PublishState:
+    """Publish a succeeded task's results (APP_PUBLISH_BACKEND) and return links to them."""
+    return await followups.publish(task_id)
+
+
+@router.post(
+    "/{task_id}/links", status_code=status.HTTP_201_CREATED, response_model=LinkView, responses=_ERRORS
+)
+async def create_link(task_id: OwnedTaskId, body: LinkCreate, downloads: DownloadsDep) -> LinkView:
+    """Create a signed, expiring link to one result file that works without an API key."""
+    link = await downloads.issue_link(task_id, body.file, body.expires_in)
+    return LinkView(file=link.file, url=link.url, expires_at=link.expires_at)
+
+
+_CONVERT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **_UPLOAD_FORM["requestBody"]["content"],
+            "application/json": {"schema": {"$ref": "#/components/schemas/TaskCreate"}},
+        },
+    }
+}
+
+
+@convert_router.post(
+    "/convert",
+    response_model=None,
+    responses={
+        200: {
+            "description": "result.json when the task succeeded within wait; the task view when it "
+            "failed or was canceled within wait (see its status and error)"
+        },
+        202: {"model": TaskView, "description": "the task view: still queued or running after wait"},
+        **_ERRORS,
+    },
+    openapi_extra=_CONVERT_BODY,
+)
+async def convert_document(
+    request: Request,
+    tasks: TasksDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
+    wait: Annotated[
+        float, Query(ge=0, le=CONVERT_MAX_WAIT_SECONDS, description="Seconds to wait for the result.")
+    ] = CONVERT_WAIT_SECONDS,
+) -> Response:
+    """Convert in one call: upload (multipart) or URL (JSON), answered with result.json when done in time.
+
+    200 with result.json when the task succeeds within ``wait`` seconds; 200 with the task view when
+    it fails or is canceled within them (its ``status`` and ``error`` say so); 202 with the task view
+    while it is still queued or running: follow it at its ``links.self``.
+    """
+    created = await _create_any(request, tasks, settings, caller, idempotency_key)
+    record = await tasks.wait(created.record.task_id, owner=caller, seconds=wait)
+    headers = {"Idempotent-Replayed": "true"} if created.replayed else None
+    if record.status is TaskStatus.SUCCEEDED:
+        return await _result(tasks, record.task_id, "result.json", caller, headers)
+    code = status.HTTP_200_OK if record.status.is_final else status.HTTP_202_ACCEPTED
+    return JSONResponse(tasks.view(record).model_dump(mode="json", by_alias=True), code, headers)
+
+
+async def _create_any(
+    request: Request, tasks: TaskService, settings: Settings, caller: str | None, key: str | None
+) -> Created:
+    """Create from a multipart upload or from a JSON body naming a URL, by the request's type."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
+        received, options = await _receive_upload(request, tasks, settings)
+        return await tasks.create_from_upload(received, options, owner=caller, idempotency_key=key)
+    try:
+        body = TaskCreate.model_validate_json(await request.body())
+    except ValidationError as exc:  # answered as FastAPI answers a bad JSON body: 422 invalid_request
+        raise RequestValidationError(exc.errors()) from exc
+    tasks.ensure_capacity()
+    fetch = _fetcher(str(body.url), tasks, settings)
+    return await tasks.create_from_url(str(body.url), body.options, fetch, owner=caller, idempotency_key=key)

@@ -1,7 +1,8 @@
 """The interface every OCR engine implements.
 
 An engine only turns page images and a prompt into the model's raw text: it knows nothing of
-tasks, files or HTTP. Engines are blocking; callers run them in a worker thread.
+tasks, files or HTTP. ``OCREngine`` is the blocking, batching kind (transformers), run by callers
+in a worker thread; ``async_base.ConcurrentEngine`` is the one-request-per-page kind (vLLM).
 """
 
 from __future__ import annotations

@@ -1,37 +1,83 @@
-"""Builds the configured engine: resolve the checkpoint for this environment, then its adapter."""
+"""Builds the configured engine: ``hf`` (resolve the checkpoint for this environment, then its
+adapter) or ``vllm`` (a remote OpenAI-compatible server, or vLLM in this process)."""
 
 from __future__ import annotations
 
 import logging
 
 from app.config import Settings
-from app.engines.base import OCREngine
-from app.engines.hf import build_engine, pick_device
-from app.engines.manager import EngineFactory
-from app.engines.resolve import resolve_model
+from app.engines.manager import Engine, EngineFactory, HealthCheck
+from app.engines.vllm import RemoteEngine, check_server
 
 log = logging.getLogger(__name__)
+
+VLLM_DEFAULT_MODEL = "deepseek-ai/DeepSeek-OCR"  # vLLM serves v1 natively, on any transformers
+HEALTH_TIMEOUT_SECONDS = 5.0  # /readyz must answer quickly even when the OCR server hangs
 
 
 def engine_factory(settings: Settings) -> EngineFactory:
     """A factory the ``ModelManager`` calls on first use (blocking: may fetch a config file)."""
+    if settings.backend == "vllm":
+        return lambda: _build_vllm(settings)
+    return lambda: _build_hf(settings)
 
-    def build() -> tuple[OCREngine, str]:
-        device = pick_device(settings.force_cpu)
-        choice = resolve_model(
-            settings.ds_model_path,
-            cuda_available=device == "cuda",
-            download_timeout=settings.hf_download_timeout_seconds,
-        )
-        log.info("model %s (%s) on %s: %s", choice.path, choice.family.value, device, choice.reason)
-        engine = build_engine(
-            choice,
-            device=device,
-            dtype=settings.ds_dtype,
-            use_flash_attn=settings.ds_use_flash_attn,
-            batch_size=settings.ds_batch_size,
-            no_repeat_ngram_size=settings.ds_no_repeat_ngram_size,
-        )
-        return engine, f"{choice.reason} (device: {device})"
 
-    return build
+def server_health_check(settings: Settings) -> HealthCheck | None:
+    """For /readyz: a probe of the OCR server, when the engine talks to one (``APP_VLLM_URL``)."""
+    url = settings.vllm_url
+    if settings.backend != "vllm" or url is None:
+        return None
+    api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+    timeout = min(HEALTH_TIMEOUT_SECONDS, settings.vllm_timeout_seconds)
+    return lambda: check_server(url, api_key=api_key, timeout_seconds=timeout)
+
+
+def _build_vllm(settings: Settings) -> tuple[Engine, str]:
+    if settings.vllm_url is not None:
+        engine = RemoteEngine(
+            settings.vllm_url,
+            model=settings.vllm_model,
+            api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None,
+            concurrency=settings.vllm_concurrency,
+            max_tokens=settings.vllm_max_tokens,
+            timeout_seconds=settings.vllm_timeout_seconds,
+            retries=settings.vllm_retries,
+            server_kind=settings.vllm_server_kind,
+        )
+        return engine, f"APP_BACKEND=vllm: the OpenAI-compatible server at {engine.url}"
+    # Imported here: it is only needed in this mode, and it imports nothing heavy until started.
+    from app.engines.vllm_local import VllmEngine
+
+    model = settings.vllm_model or settings.ds_model_path or VLLM_DEFAULT_MODEL
+    local = VllmEngine(
+        model,
+        concurrency=settings.vllm_concurrency,
+        max_tokens=settings.vllm_max_tokens,
+        timeout_seconds=settings.vllm_timeout_seconds,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        max_model_len=settings.vllm_max_model_len,
+    )
+    return local, "APP_BACKEND=vllm without APP_VLLM_URL: vLLM inside this process"
+
+
+def _build_hf(settings: Settings) -> tuple[Engine, str]:
+    # Imported here: torch and transformers are not needed by a service that uses a remote server.
+    from app.engines.hf import build_engine, pick_device
+    from app.engines.resolve import resolve_model
+
+    device = pick_device(settings.force_cpu)
+    choice = resolve_model(
+        settings.ds_model_path,
+        cuda_available=device == "cuda",
+        download_timeout=settings.hf_download_timeout_seconds,
+    )
+    log.info("model %s (%s) on %s: %s", choice.path, choice.family.value, device, choice.reason)
+    engine = build_engine(
+        choice,
+        device=device,
+        dtype=settings.ds_dtype,
+        use_flash_attn=settings.ds_use_flash_attn,
+        batch_size=settings.ds_batch_size,
+        no_repeat_ngram_size=settings.ds_no_repeat_ngram_size,
+    )
+    return engine, f"{choice.reason} (device: {device})"

@@ -1,9 +1,14 @@
 """The model's lifecycle: loaded on first use, shared by every worker, unloaded when idle.
 
 Workers ``hold()`` the model for the length of a task, so it is never unloaded between two pages
-of the same task; the idle clock starts when the last holder lets go. Inference is serialised by
-an asyncio lock with no timeout: waiting workers queue behind it instead of failing (the earlier
-implementation's 180 s lock timeout failed every second concurrent job).
+of the same task; the idle clock starts when the last holder lets go.
+
+Two kinds of engine sit behind one ``recognize``. A blocking, batch-oriented ``OCREngine`` (``hf``)
+runs in a thread, one batch at a time, serialised by an asyncio lock with no timeout: waiting
+workers queue behind it instead of failing (the earlier implementation's 180 s lock timeout failed
+every second concurrent job). A ``ConcurrentEngine`` (``vllm``) is awaited one page per coroutine,
+with up to ``max_concurrency`` pages in flight across every task, bounded by one semaphore here.
+``limits()`` tells the pipeline which shape of work suits the engine.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image
 
+from app.engines.async_base import ConcurrentEngine, ServerHealth
 from app.engines.base import OCREngine, PageText, RecognizeOptions
 from app.errors import DsocrError, EngineError
 from app.metrics import Metrics
@@ -34,21 +40,49 @@ class ModelState:
     last_error: str | None
 
 
-EngineFactory = Callable[[], tuple[OCREngine, str]]
-"""Builds the engine (blocking; may download a config) and says why this model was chosen."""
+Engine = OCREngine | ConcurrentEngine
+
+EngineFactory = Callable[[], tuple[Engine, str]]
+"""Builds the engine, not yet loaded (blocking; may download a config), and says why this model."""
+
+HealthCheck = Callable[[], Awaitable[ServerHealth]]
+"""Asks the engine's inference server whether it answers (engines that have one)."""
+
+
+@dataclass(frozen=True)
+class DispatchLimits:
+    """How a task should feed the engine."""
+
+    pages_per_call: int  # the most pages one ``recognize`` call takes
+    calls_in_flight: int  # ``recognize`` calls one task keeps going at once
 
 
 class ModelManager:
-    def __init__(self, factory: EngineFactory, *, idle_seconds: float, metrics: Metrics) -> None:
+    """Owns the engine: builds and loads it on first use, runs recognition, unloads it when idle.
+
+    ``health_check``, when given, reports on the engine's inference server without loading anything.
+    """
+
+    def __init__(
+        self,
+        factory: EngineFactory,
+        *,
+        idle_seconds: float,
+        metrics: Metrics,
+        health_check: HealthCheck | None = None,
+    ) -> None:
         self._factory = factory
+        self._health_check = health_check
         self._idle_seconds = idle_seconds
         self._metrics = metrics
-        self._engine: OCREngine | None = None
+        self._engine: Engine | None = None
         self._loaded = False
         self._choice_reason: str | None = None
         self._last_error: str | None = None
         self._load_lock = asyncio.Lock()
         self._infer_lock = asyncio.Lock()
+        self._pages_gate: asyncio.Semaphore | None = None  # bounds a concurrent engine's pages in flight
+        self._in_flight = 0  # pages a concurrent engine is working on
         self._holders = 0
         self._last_used = time.monotonic()
 
@@ -57,9 +91,17 @@ class ModelManager:
         model = self._engine.model_name if self._engine is not None else None
         return ModelState(self._loaded, model, self._choice_reason, self._last_error)
 
-    @property
-    def max_batch_size(self) -> int:
-        return self._engine.max_batch_size if self._engine is not None else 1
+    async def server_health(self) -> ServerHealth | None:
+        """The engine's inference server's answer, or ``None`` when the engine has no server."""
+        return await self._health_check() if self._health_check is not None else None
+
+    async def limits(self) -> DispatchLimits:
+        """Load the engine if needed and say how to feed it: batches one at a time (``OCREngine``),
+        or single pages, ``max_concurrency`` of them at once (``ConcurrentEngine``)."""
+        engine = await self.ensure_loaded()
+        if isinstance(engine, ConcurrentEngine):
+            return DispatchLimits(pages_per_call=1, calls_in_flight=engine.max_concurrency)
+        return DispatchLimits(pages_per_call=engine.max_batch_size, calls_in_flight=1)
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
@@ -71,19 +113,14 @@ class ModelManager:
             self._holders -= 1
             self._last_used = time.monotonic()
 
-    async def ensure_loaded(self) -> OCREngine:
+    async def ensure_loaded(self) -> Engine:
         """Load the model if needed (once, even with many callers) and return the engine."""
         async with self._load_lock:
-            if self._engine is None:
-                try:
-                    self._engine, self._choice_reason = await asyncio.to_thread(self._factory)
-                except DsocrError as exc:
-                    self._last_error = exc.message
-                    raise
+            engine = self._engine or await self._build()
             if not self._loaded:
                 started = time.perf_counter()
                 try:
-                    await asyncio.to_thread(self._engine.load)
+                    await _load(engine)
                 except DsocrError as exc:
                     self._last_error = exc.message
                     raise
@@ -95,20 +132,57 @@ class ModelManager:
                 self._last_error = None
                 self._metrics.model_load_seconds.observe(elapsed)
                 self._metrics.model_loaded.set(1)
-                log.info("model %s loaded in %.1f s", self._engine.model_name, elapsed)
+                log.info("model %s loaded in %.1f s", engine.model_name, elapsed)
             self._last_used = time.monotonic()
-            return self._engine
+            return engine
+
+    async def _build(self) -> Engine:
+        """Call the factory (once it succeeds) and set up what the engine's kind needs."""
+        try:
+            engine, self._choice_reason = await asyncio.to_thread(self._factory)
+        except DsocrError as exc:
+            self._last_error = exc.message
+            raise
+        if isinstance(engine, ConcurrentEngine):
+            self._pages_gate = asyncio.Semaphore(engine.max_concurrency)
+        self._engine = engine
+        return engine
 
     async def recognize(self, images: Sequence[Image.Image], options: RecognizeOptions) -> list[PageText]:
+        """One ``PageText`` per image, in order, loading the engine first if needed.
+
+        A batch engine gets ``images`` in one call (at most ``limits().pages_per_call`` of them); a
+        concurrent engine gets each page as its own request, all of them under the shared bound.
+        Raises what the engine raises (``EngineError``, ``ModelUnavailable``).
+        """
         while True:
             engine = await self.ensure_loaded()
+            if isinstance(engine, ConcurrentEngine):
+                pages = [asyncio.ensure_future(self._recognize_page(image, options)) for image in images]
+                try:
+                    return list(await asyncio.gather(*pages))
+                finally:
+                    for page in pages:
+                        page.cancel()  # the siblings of a failed page: its batch fails anyway
             async with self._infer_lock:
                 if not self._loaded:
                     continue  # unloaded while this call waited for the lock: load again
                 try:
-                    return await asyncio.to_thread(engine.recognize, images, options)
+                    return await _run_blocking(engine.recognize, images, options)
                 finally:
                     self._last_used = time.monotonic()
+
+    async def _recognize_page(self, image: Image.Image, options: RecognizeOptions) -> PageText:
+        assert self._pages_gate is not None
+        async with self._pages_gate:
+            engine = await self.ensure_loaded()  # again: an idle unload may have come while waiting
+            assert isinstance(engine, ConcurrentEngine)
+            self._in_flight += 1
+            try:
+                return await engine.recognize_page(image, options)
+            finally:
+                self._in_flight -= 1
+                self._last_used = time.monotonic()
 
     async def unload(self, *, only_if_idle: bool = False) -> bool:
         """Unload the model and give its memory back; returns whether it was unloaded."""
@@ -116,9 +190,11 @@ class ModelManager:
             if self._engine is None or not self._loaded:
                 return False
             # Checked under both locks: a task may have taken the model since the reaper looked.
-            if only_if_idle and (self._holders or time.monotonic() - self._last_used < self._idle_seconds):
+            # Concurrent pages hold neither lock, so they are counted instead.
+            busy = self._holders or self._in_flight
+            if only_if_idle and (busy or time.monotonic() - self._last_used < self._idle_seconds):
                 return False
-            await asyncio.to_thread(self._engine.unload)
+            await _unload(self._engine)
             self._loaded = False
             self._metrics.model_loaded.set(0)
             log.info("model %s unloaded", self._engine.model_name)
@@ -133,3 +209,37 @@ class ModelManager:
             idle = self._loaded and self._holders == 0 and idle_for >= self._idle_seconds
             if idle and await self.unload(only_if_idle=True):
                 self._metrics.model_unloads.inc()
+
+
+async def _load(engine: Engine) -> None:
+    if isinstance(engine, ConcurrentEngine):
+        await engine.start()
+    else:
+        await asyncio.to_thread(engine.load)
+
+
+async def _unload(engine: Engine) -> None:
+    if isinstance(engine, ConcurrentEngine):
+        await engine.stop()
+    else:
+        await asyncio.to_thread(engine.unload)
+
+
+async def _run_blocking(
+    recognize: Callable[[Sequence[Image.Image], RecognizeOptions], list[PageText]],
+    images: Sequence[Image.Image],
+    options: RecognizeOptions,
+) -> list[PageText]:
+    """``recognize`` in a thread; a cancelled caller still waits for the thread to end.
+
+    A thread cannot be stopped. Returning early would release the inference lock while the model
+    is still generating, and the next batch would run a second ``generate()`` beside it.
+    """
+    call = asyncio.ensure_future(asyncio.to_thread(recognize, images, options))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait([call])
+        if not call.cancelled():
+            call.exception()  # retrieved, so asyncio does not log it as never retrieved
+        raise

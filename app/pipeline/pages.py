@@ -7,7 +7,7 @@ import re
 import struct
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +157,7 @@ def count_pages(path: Path, kind: DocumentKind, *, max_pixels: int | None = None
 
 def render_pages(
     path: Path, kind: DocumentKind, numbers: Sequence[int], *, dpi: float, max_pixels: int
-) -> Iterator[PageImage]:
+) -> Generator[PageImage, None, None]:
     """Yield the given 1-based pages as RGB images, one at a time and only as they are pulled.
 
     PDF pages are rendered at ``dpi``, or lower where that would pass ``max_pixels`` (the dpi used

@@ -1,8 +1,16 @@
 """One task's pages end to end: render, recognise, parse, assemble, store.
 
 The event loop only awaits here: rendering, assembly and file writes run in threads, inference
-goes through the ``ModelManager``. A page's raw output is stored as soon as it exists, so a task
-resumed after a restart re-renders its pages but recognises only those without a raw file.
+goes through the ``ModelManager``. Pages are recognised in *calls* shaped by the engine
+(``ModelManager.limits``): batches one at a time for the ``hf`` engine, single pages many at once
+for the ``vllm`` engine. Calls run as asyncio tasks while the loop renders the next pages, so
+rendering overlaps recognition; at most ``2 * calls_in_flight`` calls are held (running, or done
+and waiting for an earlier page), which bounds the rendered pages kept in memory. Results are
+assembled strictly in page order, so progress moves page by page and ``full.md`` is in order
+whatever order the server answers in.
+
+A page's raw output is stored as soon as it exists, even ahead of earlier pages, so a task resumed
+after a restart re-renders its pages but recognises only those without a raw file.
 """
 
 from __future__ import annotations
@@ -10,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.engines.base import PageText, RecognizeOptions
-from app.engines.manager import ModelManager
+from app.engines.manager import DispatchLimits, ModelManager
 from app.errors import DsocrError, PageFailed
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage, assemble_page, merge_markdown
@@ -26,6 +35,9 @@ from app.storage.local import LocalStore
 
 OnPage = Callable[[AssembledPage, float], Awaitable[None]]
 """Called after each page with the assembled page and the seconds it took."""
+
+Recognized = list[tuple[PageText, float]]
+"""Each page of a call with its text and its seconds (0 for a page read back from raw/)."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +50,16 @@ class PageJob:
     page_numbers: Sequence[int]
     dpi: float
     max_pixels: int
-    batch_size: int
+    batch_size: int  # the most pages per call to a batch engine (also capped by the engine)
     recognize: RecognizeOptions
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Consecutive pages recognised together, and the asyncio task that recognises them."""
+
+    pages: list[PageImage]
+    result: asyncio.Future[Recognized]
 
 
 class PagePipeline:
@@ -53,44 +73,116 @@ class PagePipeline:
     async def run(
         self, job: PageJob, *, on_page: OnPage, check_interrupt: Callable[[], None]
     ) -> list[AssembledPage]:
-        """Process every page in order and return them assembled; ``check_interrupt`` may raise
-        between pages (cancel, shutdown). Figures are stored as each page finishes."""
+        """Process every page and return them assembled, in order.
+
+        ``check_interrupt`` is called before each page is rendered and before each page is
+        assembled; what it raises (cancel, shutdown) stops the task, and the calls still running
+        are cancelled. A failed call fails the task as soon as it fails, with its page(s) named.
+        Figures are stored as each page is assembled.
+        """
         done: list[AssembledPage] = []
-        batch: list[PageImage] = []
+        held: deque[_Call] = deque()  # in page order
+        batch: list[PageImage] = []  # rendered, not yet sent
+        limits: DispatchLimits | None = None
         pages = render_pages(
             job.input_path, job.kind, job.page_numbers, dpi=job.dpi, max_pixels=job.max_pixels
         )
 
-        async def flush() -> None:
-            if batch:
-                check_interrupt()
-                await self._recognize_batch(job, list(batch), done, on_page)
-                batch.clear()
+        async def send(room_for: DispatchLimits) -> None:
+            await self._make_room(job, held, room_for.calls_in_flight, done, on_page, check_interrupt)
+            call = asyncio.ensure_future(self._recognize(job, list(batch)))
+            held.append(_Call(list(batch), call))
+            batch.clear()
 
         try:
             async with self._models.hold():
                 while True:
                     check_interrupt()
-                    page = await asyncio.to_thread(next, pages, None)
+                    await self._assemble_ready(job, held, done, on_page, check_interrupt)
+                    page = await _render_next(pages)
                     if page is None:
                         break
                     saved = await asyncio.to_thread(self._store.read_raw, job.task_id, page.number)
                     if saved is not None:
-                        await flush()  # keep page order: earlier pages first
+                        if batch:  # keep page order: the pages before this one go first
+                            assert limits is not None
+                            await send(limits)
                         text = PageText(saved["text"], saved["stop_reason"], saved.get("tokens", 0))
-                        await self._finish_page(job, page, text, len(done), done, on_page, seconds=0.0)
+                        held.append(_Call([page], _resolved([(text, 0.0)])))
                         continue
+                    if limits is None:
+                        limits = await self._limits(page)
                     batch.append(page)
-                    if len(batch) >= job.batch_size:
-                        await flush()
-                await flush()
+                    if len(batch) >= min(job.batch_size, limits.pages_per_call):
+                        await send(limits)
+                if batch:
+                    assert limits is not None
+                    await send(limits)
+                while held:
+                    await self._wait(held)
+                    await self._assemble_ready(job, held, done, on_page, check_interrupt)
         finally:
+            await _cancel(held)
             pages.close()
         return done
 
-    async def _recognize_batch(
-        self, job: PageJob, batch: list[PageImage], done: list[AssembledPage], on_page: OnPage
+    async def _limits(self, page: PageImage) -> DispatchLimits:
+        """The engine's limits; loading it is the first page's work, so its failure names that page."""
+        try:
+            return await self._models.limits()
+        except DsocrError as exc:
+            exc.message = f"page {page.number}: {exc.message}"
+            raise
+
+    async def _make_room(
+        self,
+        job: PageJob,
+        held: deque[_Call],
+        calls_in_flight: int,
+        done: list[AssembledPage],
+        on_page: OnPage,
+        check_interrupt: Callable[[], None],
     ) -> None:
+        """Wait until another call may start: fewer than ``calls_in_flight`` running and fewer
+        than twice that held, assembling pages as they become ready."""
+        while True:
+            await self._assemble_ready(job, held, done, on_page, check_interrupt)
+            running = sum(1 for call in held if not call.result.done())
+            if running < calls_in_flight and len(held) < 2 * calls_in_flight:
+                return
+            await self._wait(held)
+
+    @staticmethod
+    async def _wait(held: deque[_Call]) -> None:
+        """Wait until one of the held calls that are running ends."""
+        running = [call.result for call in held if not call.result.done()]
+        if running:
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _assemble_ready(
+        self,
+        job: PageJob,
+        held: deque[_Call],
+        done: list[AssembledPage],
+        on_page: OnPage,
+        check_interrupt: Callable[[], None],
+    ) -> None:
+        """Assemble the pages of the leading calls that are done, in order.
+
+        A call that failed fails the task now, even behind calls still running: waiting for them
+        would only delay an error that is already certain.
+        """
+        for call in held:
+            if call.result.done() and not call.result.cancelled() and call.result.exception() is not None:
+                call.result.result()  # raises the failure, which names its page(s)
+        while held and held[0].result.done():
+            call = held.popleft()
+            for page, (text, seconds) in zip(call.pages, call.result.result(), strict=True):
+                check_interrupt()
+                await self._finish_page(job, page, text, len(done), done, on_page, seconds=seconds)
+
+    async def _recognize(self, job: PageJob, batch: list[PageImage]) -> Recognized:
+        """Recognise one call's pages and store each page's raw output at once."""
         started = time.perf_counter()
         try:
             texts = await self._models.recognize([page.image for page in batch], job.recognize)
@@ -110,7 +202,7 @@ class PagePipeline:
                 "seconds": round(seconds, 3),
             }
             await asyncio.to_thread(self._store.write_raw, job.task_id, page.number, payload)
-            await self._finish_page(job, page, text, len(done), done, on_page, seconds=seconds)
+        return [(text, seconds) for text in texts]
 
     async def _finish_page(
         self,
@@ -149,3 +241,33 @@ class PagePipeline:
         self._store.write_result(task_id, "full.md", merge_markdown(pages).encode())
         layout = {"version": 1, "pages": [page.layout for page in pages]}
         self._store.write_result(task_id, "layout.json", json.dumps(layout, ensure_ascii=False).encode())
+
+
+async def _render_next(pages: Iterator[PageImage]) -> PageImage | None:
+    """The next page, rendered in a thread; a cancelled caller still waits for that thread.
+
+    The generator cannot be closed while a thread is inside it (``ValueError``), and the caller
+    closes it as soon as it stops; rendering one page is quick.
+    """
+    step = asyncio.ensure_future(asyncio.to_thread(next, pages, None))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait([step])
+        if not step.cancelled():
+            step.exception()  # retrieved: the task is stopping, a render error is moot
+        raise
+
+
+def _resolved(value: Recognized) -> asyncio.Future[Recognized]:
+    future: asyncio.Future[Recognized] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+async def _cancel(held: deque[_Call]) -> None:
+    """Cancel the calls still running and wait for them, so none outlives its task."""
+    for call in held:
+        call.result.cancel()
+    # return_exceptions: their failures are moot once the task stopped, but must be retrieved.
+    await asyncio.gather(*(call.result for call in held), return_exceptions=True)

@@ -8,6 +8,8 @@ Layout, one directory per task under ``<data_dir>/tasks/<task_id>/``::
     images/        figure crops, pNNNN_NN.png
     full.md, layout.json, result.json
 
+and ``<data_dir>/idempotency/<key hash>.json``, one small entry per ``Idempotency-Key``.
+
 Routers never see a path: they get open binary streams. Blocking I/O; callers on the event loop
 run these methods in a thread.
 """
@@ -20,15 +22,18 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image
 
 from app.errors import ResultNotFound, StorageError, TaskNotFound
-from app.tasks.model import TASK_ID_PATTERN, TaskRecord
+from app.tasks.model import TASK_ID_PATTERN, TaskRecord, TaskStatus
 
 RESULT_FILES = {
     "full.md": "text/markdown; charset=utf-8",
@@ -36,6 +41,17 @@ RESULT_FILES = {
     "result.json": "application/json",
 }
 IMAGE_NAME = re.compile(r"^p\d{4}_\d{2}\.png$")
+KEY_NAME = re.compile(r"^[0-9a-f]{64}$")  # an idempotency entry: a SHA-256 hex digest, never the key
+
+
+@dataclass(frozen=True)
+class RecordSummary:
+    """What listing needs of a record, kept in memory so a list never reads every ``task.json``."""
+
+    task_id: str
+    created_at: datetime
+    status: TaskStatus
+    owner: str | None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -60,11 +76,16 @@ class LocalStore:
         self.root = root
         self._tasks = root / "tasks"
         self._spool = root / "spool"
+        self._keys = root / "idempotency"
         try:
-            self._tasks.mkdir(parents=True, exist_ok=True)
-            self._spool.mkdir(parents=True, exist_ok=True)
+            for folder in (self._tasks, self._spool, self._keys):
+                folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the data directory {root}: {exc.strerror}") from exc
+        # Built by one scan at first use, then kept current by save() and delete(): it holds while
+        # this process is the only writer of the records, as the single-process design has it.
+        self._summaries: dict[str, RecordSummary] | None = None
+        self._summaries_lock = threading.Lock()  # saves run in worker threads
 
     # --- paths (private: nothing outside this class joins them) ---
 
@@ -105,6 +126,9 @@ class LocalStore:
             _atomic_write(self._dir(record.task_id) / "task.json", record.model_dump_json(indent=2).encode())
         except OSError as exc:
             raise StorageError(f"cannot write the record of task {record.task_id}: {exc.strerror}") from exc
+        with self._summaries_lock:
+            if self._summaries is not None:
+                self._summaries[record.task_id] = _summary(record)
 
     def load(self, task_id: str) -> TaskRecord:
         path = self._dir(task_id) / "task.json"
@@ -123,6 +147,45 @@ class LocalStore:
 
     def delete(self, task_id: str) -> None:
         shutil.rmtree(self._dir(task_id), ignore_errors=True)
+        with self._summaries_lock:
+            if self._summaries is not None:
+                self._summaries.pop(task_id, None)
+
+    def summaries(self) -> list[RecordSummary]:
+        """A summary of every stored record, in no particular order."""
+        with self._summaries_lock:
+            if self._summaries is None:
+                self._summaries = {record.task_id: _summary(record) for record in self.list_records()}
+            return list(self._summaries.values())
+
+    # --- idempotency entries (app.tasks.idempotency), named by a hash of owner and key ---
+
+    def _key_path(self, name: str) -> Path:
+        if not KEY_NAME.match(name):
+            raise StorageError(f"refusing an idempotency entry named {name!r}")
+        return self._keys / f"{name}.json"
+
+    def read_key(self, name: str) -> dict[str, Any] | None:
+        """The entry stored under ``name``, or ``None`` when there is none (or it is unreadable)."""
+        try:
+            entry = json.loads(self._key_path(name).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # atomic writes never tear; a hand-edited entry just starts afresh
+        return entry if isinstance(entry, dict) else None
+
+    def write_key(self, name: str, entry: dict[str, Any]) -> None:
+        try:
+            _atomic_write(self._key_path(name), json.dumps(entry).encode())
+        except OSError as exc:
+            raise StorageError(f"cannot write an idempotency entry: {exc.strerror}") from exc
+
+    def delete_key(self, name: str) -> None:
+        self._key_path(name).unlink(missing_ok=True)
+
+    def key_names(self) -> list[str]:
+        return [path.stem for path in self._keys.glob("*.json") if KEY_NAME.match(path.stem)]
 
     # --- the pipeline's files ---
 
@@ -184,3 +247,7 @@ class LocalStore:
             return path.open("rb")
         except FileNotFoundError as exc:
             raise ResultNotFound(f"task {task_id} has no result named {name!r}") from exc
+
+
+def _summary(record: TaskRecord) -> RecordSummary:
+    return RecordSummary(record.task_id, record.created_at, record.status, record.owner)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.pipeline.pages import validate_page_spec
@@ -52,6 +54,12 @@ class TaskOptions(BaseModel):
     base_size: int | None = Field(default=None, ge=256, le=2048, description="Global view in px (v1).")
     image_size: int | None = Field(default=None, ge=256, le=2048, description="Tile size in px (v1).")
     crop_mode: bool | None = Field(default=None, description="Tile large pages.")
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="http(s) URL that gets the task view, signed, when the task ends; "
+        "private addresses are refused.",
+    )
 
     @field_validator("pages")
     @classmethod
@@ -60,6 +68,20 @@ class TaskOptions(BaseModel):
             return None
         validate_page_spec(value)
         return value.strip()
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback_url(cls, value: str | None) -> str | None:
+        # Syntax only: where the URL resolves to is checked at submit and again at every connect.
+        if value is None or not value.strip():
+            return None
+        try:
+            url = httpx.URL(value.strip())
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"callback_url is not a valid URL: {exc}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("callback_url must be an absolute http or https URL")
+        return str(url)
 
 
 class Progress(BaseModel):
@@ -78,6 +100,48 @@ class SourceInfo(BaseModel):
     size_bytes: int
     pages: int  # pages (or image frames) in the document, before the ``pages`` selection
     url: str | None = None  # where a URL task was fetched from
+
+
+class DeliveryStatus(StrEnum):
+    """Where a publish or a webhook delivery is; the last two are final."""
+
+    PENDING = "pending"  # planned when the task ended, not started yet (or resumed after a restart)
+    RUNNING = "running"  # uploading or delivering now, or waiting before the next try
+    SUCCEEDED = "succeeded"  # every file uploaded / the receiver answered 2xx
+    FAILED = "failed"  # every try failed, or the error cannot be cured by retrying; see ``error``
+
+
+class PublishState(BaseModel):
+    """The latest publish of a task's results: how it went and the links to what it published."""
+
+    status: DeliveryStatus
+    backend: str  # "local" (share links to this service), "s3" or "oss"
+    error: TaskErrorInfo | None = None
+    # result name ("full.md", "result.zip", "images/p0003_01.png") -> a URL that needs no API key
+    links: dict[str, str] = Field(default_factory=dict)
+    expires_at: datetime | None = None  # when the links stop working
+    finished_at: datetime | None = None
+
+
+class WebhookState(BaseModel):
+    """The delivery of the task's final view to its ``callback_url``."""
+
+    status: DeliveryStatus
+    delivery_id: str  # sent as X-Dsocr-Delivery, the same on every try, so receivers can drop repeats
+    attempts: int = 0  # tries so far, counted across restarts
+    response_status: int | None = None  # the receiver's answer to the latest try, if it answered
+    error: TaskErrorInfo | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class QueueEstimate:
+    """Where a queued task stands: its place in the queue and, once a page was timed, when it
+    should start and end."""
+
+    position: int  # 1 = the next task to start
+    start_at: datetime | None
+    end_at: datetime | None
 
 
 class TaskRecord(BaseModel):
@@ -101,6 +165,14 @@ class TaskRecord(BaseModel):
     model: str | None = None  # the checkpoint that produced the result
     images: list[str] = Field(default_factory=list)  # figure crops under images/, once succeeded
     truncated_pages: list[int] = Field(default_factory=list)  # pages that never reached the end marker
+    publish: PublishState | None = None  # set when a publish is planned (auto) or asked for
+    webhook: WebhookState | None = None  # set when a task with a callback_url ends
+    # A hash of the API key that created the task, never the key (``app.api.deps.owner_of``); a key
+    # sees only its own tasks. None: created with auth off, or before tasks had owners: visible to all.
+    owner: str | None = None
+    # The id of the latest event published about this task (``app.tasks.events``); saved before the
+    # event goes out, so event ids keep increasing across restarts. 1 stands for "accepted".
+    last_event_id: int = 0
 
     @property
     def duration_seconds(self) -> float | None:

@@ -1,14 +1,24 @@
-"""The task service: accepting, reading, canceling and expiring tasks, and recovery at start-up.
+"""The task service: accepting, reading, listing, following, canceling and expiring tasks, and
+recovery at start-up.
 
 Routers call this and nothing else. Processing lives in ``worker.py``; both share the store and
-the queue. Blocking store calls run in threads.
+the queue, and every change of a record that followers hear about goes through ``update``.
+Blocking store calls run in threads.
+
+Ownership: a record carries the hash of the API key that created it (``owner``); a caller sees a
+task when it has no owner, when the caller has none (auth off), or when both are the same. A task
+a caller may not see is reported exactly as a missing one (``TaskNotFound``, 404).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import math
+import re
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,16 +30,25 @@ from app.errors import (
     QueueFull,
     TaskAlreadyFinished,
     TaskNotFinished,
+    TaskNotFound,
     TooManyPages,
 )
 from app.metrics import Metrics
 from app.pipeline.pages import count_pages, select_pages
 from app.pipeline.sources import ReceivedFile
+from app.schemas import TaskList, TaskView
 from app.storage.local import LocalStore
+from app.tasks.estimates import QueueBoard
+from app.tasks.events import EventHub, EventKind, TaskEvent
+from app.tasks.followups import FollowUps
+from app.tasks.idempotency import IdempotencyKeys, fingerprint
 from app.tasks.model import Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from app.tasks.queue import TaskQueue
 
 log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR = re.compile(r"^(\d{1,20})_([0-9a-f]{32})$")  # "<created_at in µs>_<task_id>" of the last task shown
 
 
 @dataclass(frozen=True)
@@ -41,12 +60,33 @@ class Limits:
     workers: int
 
 
+@dataclass(frozen=True)
+class Created:
+    """The outcome of a create request: the task, and whether an ``Idempotency-Key`` found it."""
+
+    record: TaskRecord
+    replayed: bool  # True: the key was seen with the same request; no task was created now
+
+
 class TaskService:
-    def __init__(self, *, store: LocalStore, queue: TaskQueue, metrics: Metrics, limits: Limits) -> None:
+    def __init__(
+        self,
+        *,
+        store: LocalStore,
+        queue: TaskQueue,
+        metrics: Metrics,
+        limits: Limits,
+        events: EventHub,
+        followups: FollowUps | None = None,
+    ) -> None:
         self.store = store
         self.queue = queue
         self.metrics = metrics
         self.limits = limits
+        self.events = events
+        self.followups = followups  # publish and webhook after a task ends; None: neither exists
+        self._keys = IdempotencyKeys(store)
+        self._board = QueueBoard(workers=limits.workers)
         self._running_cancel: set[str] = set()  # cancel requests for tasks a worker holds
         # Serialises status changes (cancel vs. a worker starting the task) so neither overwrites the other.
         self.status_lock = asyncio.Lock()
@@ -62,14 +102,79 @@ class TaskService:
     def spool_path(self) -> Path:
         return self.store.spool_path()
 
+    async def create_from_upload(
+        self, received: ReceivedFile, options: TaskOptions, *, owner: str | None, idempotency_key: str | None
+    ) -> Created:
+        """Queue an uploaded document; with an ``idempotency_key`` seen before, find its task instead.
+
+        The spooled upload is moved into the new task or deleted, whatever happens. Raises what
+        ``submit`` raises, and ``IdempotencyKeyReused`` for a key seen with another request.
+        """
+        try:
+            if idempotency_key is None:
+                return Created(await self.submit(received, options, owner=owner), replayed=False)
+            request_print = await asyncio.to_thread(fingerprint, options, upload=received.path)
+
+            async def create() -> TaskRecord:
+                return await self.submit(received, options, owner=owner)
+
+            return await self._once(owner, idempotency_key, request_print, create)
+        finally:
+            received.path.unlink(missing_ok=True)  # already gone when a task took it
+
+    async def create_from_url(
+        self,
+        url: str,
+        options: TaskOptions,
+        fetch: Callable[[], Awaitable[ReceivedFile]],
+        *,
+        owner: str | None,
+        idempotency_key: str | None,
+    ) -> Created:
+        """Queue the document ``fetch`` downloads from ``url``; with an ``idempotency_key`` seen
+        before, find its task instead, without downloading anything."""
+
+        async def create() -> TaskRecord:
+            return await self.submit(await fetch(), options, url=url, owner=owner)
+
+        if idempotency_key is None:
+            return Created(await create(), replayed=False)
+        return await self._once(owner, idempotency_key, fingerprint(options, url=url), create)
+
+    async def _once(
+        self,
+        owner: str | None,
+        key: str,
+        request_print: str,
+        create: Callable[[], Awaitable[TaskRecord]],
+    ) -> Created:
+        """The task ``key`` made for this request within 24 h, or ``create`` it and remember it;
+        one request per key at a time, so concurrent retries make one task."""
+        async with self._keys.serialised(owner, key):
+            task_id = await self._keys.find(owner, key, request_print)
+            if task_id is not None:
+                # A task gone already (a TTL under 24 h) frees its key: the retry creates it again.
+                with contextlib.suppress(TaskNotFound):
+                    return Created(await self.get(task_id), replayed=True)
+            record = await create()
+            await self._keys.remember(owner, key, request_print, record.task_id)
+            return Created(record, replayed=False)
+
     async def submit(
-        self, received: ReceivedFile, options: TaskOptions, *, url: str | None = None
+        self,
+        received: ReceivedFile,
+        options: TaskOptions,
+        *,
+        url: str | None = None,
+        owner: str | None = None,
     ) -> TaskRecord:
-        """Validate the document and options, store the task and queue it.
+        """Validate the document and options, store the task (belonging to ``owner``) and queue it.
 
         The spooled input is moved into the task or deleted; nothing is left behind on refusal.
         """
         try:
+            if options.callback_url is not None:
+                await self._check_callback(options.callback_url)
             if options.dpi > self.limits.max_dpi:
                 raise InvalidOptions(f"dpi {options.dpi} is above the limit of {self.limits.max_dpi}")
             page_count = await asyncio.to_thread(
@@ -98,6 +203,8 @@ class TaskService:
                 input_name=f"document.{received.kind.value}",
                 input_kind=received.kind,
                 progress=Progress(pages_total=len(numbers)),
+                owner=owner,
+                last_event_id=1,
             )
             try:
                 await asyncio.to_thread(self.store.create, record, received.path)
@@ -105,6 +212,7 @@ class TaskService:
                 reservation.release()
                 raise
             reservation.commit(record.task_id)
+            self._board.queued(record.task_id, len(numbers))
         except BaseException as exc:
             received.path.unlink(missing_ok=True)
             if isinstance(exc, DsocrError) and not isinstance(exc, QueueFull):  # _queue_full counted it
@@ -114,6 +222,11 @@ class TaskService:
         self.metrics.queue_depth.set(self.queue.depth())
         log.info("task %s queued: %s, %d pages", record.task_id, received.filename, len(numbers))
         return record
+
+    async def _check_callback(self, url: str) -> None:
+        if self.followups is None:
+            raise InvalidOptions("this service does not send webhooks; leave callback_url out")
+        await self.followups.check_callback(url)
 
     def _queue_full(self) -> QueueFull:
         depth = self.queue.depth()
@@ -128,26 +241,157 @@ class TaskService:
 
     # --- read ---
 
-    async def get(self, task_id: str) -> TaskRecord:
-        return await asyncio.to_thread(self.store.load, task_id)
+    async def get(self, task_id: str, owner: str | None = None) -> TaskRecord:
+        """The task's record; ``TaskNotFound`` when there is none or ``owner`` may not see it.
 
-    async def open_result(self, task_id: str, name: str) -> BinaryIO:
+        ``owner`` is the caller's key hash; ``None`` (auth off, or the service itself) sees all.
+        """
+        record = await asyncio.to_thread(self.store.load, task_id)
+        if not _visible(record.owner, owner):
+            raise TaskNotFound(f"no task {task_id!r}")
+        return record
+
+    def view(self, record: TaskRecord) -> TaskView:
+        """The task view of ``record``, with its queue position and estimates while it is queued."""
+        estimate = None
+        if record.status is TaskStatus.QUEUED:
+            estimate = self._board.estimate(record.task_id, datetime.now(UTC))
+        return TaskView.from_record(record, estimate)
+
+    async def list_tasks(
+        self, *, owner: str | None, status: TaskStatus | None, limit: int, cursor: str | None
+    ) -> TaskList:
+        """The tasks ``owner`` may see, newest first, ``limit`` at a time; ``cursor`` is a previous
+        page's ``next_cursor``. Raises ``InvalidOptions`` for a cursor this service did not issue."""
+        after = _parse_cursor(cursor) if cursor is not None else None
+        summaries = await asyncio.to_thread(self.store.summaries)
+        keys = sorted(
+            (
+                (_micros(s.created_at), s.task_id)
+                for s in summaries
+                if _visible(s.owner, owner) and (status is None or s.status is status)
+            ),
+            reverse=True,
+        )
+        if after is not None:
+            keys = [key for key in keys if key < after]
+        page = keys[:limit]
+        records = await asyncio.to_thread(self._load_existing, [task_id for _, task_id in page])
+        next_cursor = f"{page[-1][0]}_{page[-1][1]}" if len(keys) > limit else None
+        return TaskList(tasks=[self.view(record) for record in records], next_cursor=next_cursor)
+
+    def _load_existing(self, task_ids: list[str]) -> list[TaskRecord]:
+        records = []
+        for task_id in task_ids:
+            with contextlib.suppress(TaskNotFound):  # expired since it was listed
+                records.append(self.store.load(task_id))
+        return records
+
+    async def open_result(self, task_id: str, name: str, owner: str | None = None) -> BinaryIO:
         """An open stream of a result file of a succeeded task; 409 while it is not finished."""
-        record = await self.get(task_id)
+        record = await self.get(task_id, owner)
         if record.status is not TaskStatus.SUCCEEDED:
             raise TaskNotFinished(f"task {task_id} is {record.status.value}; results exist once it succeeded")
         return await asyncio.to_thread(self.store.open_result, task_id, name)
 
+    # --- follow ---
+
+    async def wait(self, task_id: str, *, owner: str | None, seconds: float) -> TaskRecord:
+        """The task's record once it has ended, or after ``seconds``, whichever comes first.
+
+        Waits on the task's events, not by reading its record again and again.
+        """
+        record = await self.get(task_id, owner)
+        if record.status.is_final or seconds <= 0:
+            return record
+        with contextlib.suppress(TimeoutError):
+            async with (
+                asyncio.timeout(seconds),
+                contextlib.aclosing(self.events.follow(task_id, record.last_event_id)) as events,
+            ):
+                async for event in events:
+                    if event.kind is EventKind.END:
+                        break
+        return await self.get(task_id)
+
+    async def follow(
+        self, task_id: str, *, owner: str | None, last_event_id: str | None
+    ) -> AsyncGenerator[TaskEvent, None] | None:
+        """The events of a task for an event stream, or ``None`` when the caller saw its end already.
+
+        Without ``last_event_id`` (a new stream) the first event is the task's current state:
+        ``status``, or ``end`` for a task that is over, then each new event until ``end``. With the
+        id of the last event a reconnecting client got, it gets the events after it; if this
+        process no longer holds them (a restart, or they aged out), the current state instead, so
+        nothing is lost or sent twice. Raises ``TaskNotFound`` before anything is streamed.
+        """
+        record = await self.get(task_id, owner)
+        after = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else None
+        if after is not None and after > record.last_event_id:
+            after = None  # not an id this task has issued: start afresh
+        if after is not None and record.status.is_final and after >= record.last_event_id:
+            return None
+        return self._follow(record, after)
+
+    async def _follow(self, record: TaskRecord, after: int | None) -> AsyncGenerator[TaskEvent, None]:
+        oldest = await self.events.oldest(record.task_id)
+        # Every event up to record.last_event_id is reflected in the record (saved before published).
+        missed = after is None or (record.last_event_id > after and (oldest is None or oldest > after + 1))
+        if missed:
+            kind = EventKind.END if record.status.is_final else EventKind.STATUS
+            yield TaskEvent(record.last_event_id, kind, self.view(record).model_dump_json(by_alias=True))
+            if kind is EventKind.END:
+                return
+            after = record.last_event_id
+        assert after is not None
+        async with contextlib.aclosing(self.events.follow(record.task_id, after)) as events:
+            async for event in events:
+                yield event
+
+    # --- changes, told to followers ---
+
+    async def update(self, record: TaskRecord, kind: EventKind, data: str | None = None) -> None:
+        """Save a changed record, then publish ``kind`` about it (``data``: the task view unless given).
+
+        The event's id is stored on the record before it is written (see ``app.tasks.events``). The
+        write is shielded from cancellation: a final or interrupted state must reach the disk even
+        when shutdown cancels the caller.
+        """
+        record.last_event_id += 1
+        if kind is EventKind.END or record.status is TaskStatus.QUEUED:
+            self._board.left(record.task_id)  # ended, or sent back by a shutdown: no longer queued here
+        elif record.status is TaskStatus.RUNNING and kind is EventKind.STATUS:
+            self._board.started(record.task_id)
+        if data is None:
+            data = self.view(record).model_dump_json(by_alias=True)
+        await asyncio.shield(asyncio.to_thread(self.store.save, record))
+        await self.events.publish(record.task_id, TaskEvent(record.last_event_id, kind, data))
+
+    async def page_done(self, record: TaskRecord, *, number: int, index: int, seconds: float) -> None:
+        """Save a running task's progress after a page and publish a ``page`` event.
+
+        ``seconds`` is the page's share of its engine call (0 when read back from an earlier try).
+        """
+        self._board.page_done(record.task_id, record.progress.pages_done, seconds)
+        data = {
+            "page": number,
+            "index": index,
+            "pages_done": record.progress.pages_done,
+            "pages_total": record.progress.pages_total,
+            "seconds": round(seconds, 3),
+        }
+        await self.update(record, EventKind.PAGE, json.dumps(data))
+
     # --- cancel ---
 
-    async def cancel(self, task_id: str) -> TaskRecord:
+    async def cancel(self, task_id: str, owner: str | None = None) -> TaskRecord:
         """Cancel a queued task now, or a running one at its next page boundary.
 
         A running task's record is written by its worker alone, which sees the request between
         pages and records the cancel itself.
         """
         async with self.status_lock:
-            record = await self.get(task_id)
+            record = await self.get(task_id, owner)
             if record.status.is_final:
                 raise TaskAlreadyFinished(f"task {task_id} already {record.status.value}")
             record.cancel_requested = True
@@ -157,8 +401,11 @@ class TaskService:
             record.status = TaskStatus.CANCELED
             record.finished_at = datetime.now(UTC)
             record.waiting_reason = None
-            await asyncio.to_thread(self.store.save, record)
+            followup = self.followups is not None and self.followups.plan(record)
+            await self.update(record, EventKind.END)
             self.queue.discard(task_id)
+        if followup and self.followups is not None:
+            self.followups.launch(task_id)
         self.metrics.tasks_finished.labels(TaskStatus.CANCELED.value).inc()
         self.metrics.queue_depth.set(self.queue.depth())
         return record
@@ -183,11 +430,17 @@ class TaskService:
             if record.cancel_requested:
                 record.status = TaskStatus.CANCELED
                 record.finished_at = datetime.now(UTC)
+                if self.followups is not None:
+                    self.followups.plan(record)  # started with the other unfinished follow-ups
             else:
                 record.status = TaskStatus.QUEUED
+            # A status change nobody here follows yet; counted, so a client that reconnects with an
+            # id from before the restart gets the state as it is now.
+            record.last_event_id += 1
             self.store.save(record)
             if record.status is TaskStatus.QUEUED:
                 self.queue.requeue(record.task_id)
+                self._board.queued(record.task_id, len(record.page_numbers))
         resumed = sum(1 for r in pending if r.status is TaskStatus.QUEUED)
         if resumed:
             log.info("recovered %d unfinished tasks", resumed)
@@ -204,6 +457,9 @@ class TaskService:
                 expired += 1
         if expired:
             log.info("expired %d finished tasks", expired)
+        keys = self._keys.expire()
+        if keys:
+            log.info("expired %d idempotency keys", keys)
         return expired
 
     async def run_janitor(self, every_seconds: float) -> None:
@@ -211,3 +467,19 @@ class TaskService:
         while True:
             await asyncio.to_thread(self.expire)
             await asyncio.sleep(every_seconds)
+
+
+def _visible(task_owner: str | None, caller: str | None) -> bool:
+    # Auth off (no caller) sees everything; tasks from before owners existed belong to everyone.
+    return caller is None or task_owner is None or task_owner == caller
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _parse_cursor(cursor: str) -> tuple[int, str]:
+    match = _CURSOR.match(cursor)
+    if match is None:
+        raise InvalidOptions("cursor is not one this service issued; pass a next_cursor as it came")
+    return int(match[1]), match[2]

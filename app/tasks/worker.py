@@ -2,8 +2,10 @@
 
 Each worker is an asyncio task started by the app's lifespan. A failure inside a task marks that
 task failed and the worker carries on; a worker loop that dies anyway marks the service not ready.
-Final record writes are shielded from cancellation. On shutdown a running task stops at its next
-page boundary and goes back to ``queued``, to resume from its stored pages on the next start.
+Every change followers hear of (start, each page, the end) is saved and published through
+``TaskService.update``, which shields the write from cancellation. On shutdown a running task stops
+at its next page boundary and goes back to ``queued``, to resume from its stored pages on the next
+start.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
 from app.schemas import TaskView
+from app.tasks.events import EventKind
 from app.tasks.model import TaskErrorInfo, TaskRecord, TaskStatus
 from app.tasks.options import EngineDefaults, recognize_options
 from app.tasks.service import TaskService
@@ -126,7 +129,7 @@ class WorkerPool:
             record.attempts += 1
             record.waiting_reason = None
             record.error = None
-            await asyncio.to_thread(self._store.save, record)
+            await self._service.update(record, EventKind.STATUS)
             return record
 
     async def _wait_for_gpu(self, task_id: str) -> None:
@@ -164,7 +167,7 @@ class WorkerPool:
             record.status = TaskStatus.QUEUED
             record.started_at = None
             record.waiting_reason = "interrupted by a shutdown; resumes from its last finished page"
-            await self._save_shielded(record)
+            await self._service.update(record, EventKind.STATUS)
         except DsocrError as exc:
             log.warning("task %s failed: %s", task_id, exc.message)
             await self._finish(record, TaskStatus.FAILED, TaskErrorInfo(code=exc.code, message=exc.message))
@@ -194,7 +197,7 @@ class WorkerPool:
             record.progress.pages_done += 1
             if page.truncated and page.number not in record.truncated_pages:
                 record.truncated_pages.append(page.number)
-            await asyncio.to_thread(self._store.save, record)
+            await self._service.page_done(record, number=page.number, index=page.index, seconds=seconds)
 
         record.progress.pages_done = 0
         record.truncated_pages = []
@@ -242,14 +245,16 @@ class WorkerPool:
             ]
             data = json.dumps(view, ensure_ascii=False).encode()
             await asyncio.to_thread(self._store.write_result, record.task_id, "result.json", data)
-        await self._save_shielded(record)
+        # Publish and webhook are marked due on the final record itself, so a restart resumes them,
+        # and start only after it is saved: they run in the background and never delay this task.
+        followups = self._service.followups
+        due = followups is not None and followups.plan(record)
+        await self._service.update(record, EventKind.END)
         self._metrics.tasks_finished.labels(status.value).inc()
         if record.duration_seconds is not None:
             self._metrics.task_duration.labels(status.value).observe(record.duration_seconds)
             if status is TaskStatus.SUCCEEDED:
                 self._service.observe_task_seconds(record.duration_seconds)
         log.info("task %s %s", record.task_id, status.value)
-
-    async def _save_shielded(self, record: TaskRecord) -> None:
-        # The final state must reach the disk even when shutdown cancels this worker mid-write.
-        await asyncio.shield(asyncio.to_thread(self._store.save, record))
+        if due and followups is not None:
+            followups.launch(record.task_id)

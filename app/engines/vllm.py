@@ -1,0 +1,327 @@
+"""The ``vllm`` backend, remote mode: DeepSeek-OCR behind an OpenAI-compatible server.
+
+``APP_VLLM_URL`` points at ``vllm serve``, SGLang, ``transformers serve`` or anything else that
+speaks the OpenAI chat-completions API. Each page is one chat completion: a user message with the
+page as an ``image_url`` data URL (PNG) and the prompt as a text part, temperature 0 and
+``max_tokens``. What else is sent depends on the server, because strict servers (``transformers
+serve``) refuse fields they do not know:
+
+* vLLM and SGLang get ``skip_special_tokens: false``, so the grounding tags survive decoding;
+* vLLM also gets ``vllm_xargs``, the per-request arguments of the no-repeat n-gram logits
+  processor that vLLM's DeepSeek-OCR recipe loads (n-gram 30 in a window of 90 tokens, ``<td>``
+  and ``</td>`` exempt, since table rows legitimately repeat).
+
+The server kind is ``owned_by`` of the model in ``GET /v1/models`` unless set explicitly.
+
+The end marker: OpenAI-compatible servers report that the model emitted its end-of-sentence
+token as ``finish_reason: "stop"`` and leave the token out of the text (vLLM does so even with
+``skip_special_tokens: false``). The rest of the service reads a page's completeness from
+``END_MARKER`` at the end of the text, as the ``hf`` engine returns it, so a page that stopped on
+eos gets ``END_MARKER`` appended here when the server stripped it. We send no stop strings, so
+``"stop"`` can only mean eos.
+
+Faults: connection errors, timeouts, 408/429/5xx answers and malformed bodies are retried with
+exponential backoff up to ``retries`` times; then the page fails with an ``EngineError`` that names
+the server and the last cause. Other 4xx answers (a prompt too long, a wrong model name) are not
+retried: the same request would get the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import httpx
+from PIL import Image
+
+from app.engines.async_base import ServerHealth
+from app.engines.base import END_MARKER, PageText, RecognizeOptions, StopReason
+from app.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+ServerKind = Literal["auto", "vllm", "sglang", "openai"]
+
+# vLLM's DeepSeek-OCR recipe: NGramPerReqLogitsProcessor's per-request arguments.
+# 128821 and 128822 are <td> and </td> in DeepSeek-OCR's vocabulary.
+NGRAM_ARGS: dict[str, Any] = {"ngram_size": 30, "window_size": 90, "whitelist_token_ids": [128821, 128822]}
+
+_RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
+_MAX_BACKOFF_SECONDS = 10.0
+_ERROR_SNIPPET_CHARS = 300  # of a server's error body, quoted in our error message
+
+T = TypeVar("T")
+
+
+class _Retryable(Exception):
+    """An answer worth asking again for: a 5xx, 408, 429, or a body we cannot read."""
+
+
+def normalize_base_url(url: str) -> str:
+    """The server's root URL: ``http://host:8000/v1/`` and ``http://host:8000`` both give the latter."""
+    url = url.strip().rstrip("/")
+    return url.removesuffix("/v1")
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _describe(exc: httpx.HTTPError, timeout: float) -> str:
+    """A cause a person can act on, for each way an HTTP exchange fails."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer within {timeout:g} s ({type(exc).__name__})"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect: {exc or type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _snippet(response: httpx.Response) -> str:
+    text = response.text.strip().replace("\n", " ")
+    return text[:_ERROR_SNIPPET_CHARS] + ("..." if len(text) > _ERROR_SNIPPET_CHARS else "")
+
+
+def encode_image(image: Image.Image) -> str:
+    """The page as a ``data:image/png;base64,...`` URL (blocking: run it in a thread).
+
+    PNG because it is lossless and rendered pages (flat backgrounds, text) compress well; level 3
+    costs a fraction of the default level's time for a few percent more bytes.
+    """
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def page_text_from_completion(payload: Any) -> PageText:
+    """Translate a chat-completion body into a ``PageText`` (see the module docstring on eos).
+
+    Raises ``_Retryable`` when the body lacks the fields every OpenAI-compatible server sends, or
+    reports a finish reason other than ``stop`` or ``length`` (``abort``: the server gave up).
+    """
+    try:
+        choice = payload["choices"][0]
+        content = choice["message"]["content"]
+        finish = choice["finish_reason"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise _Retryable(f"a malformed completion ({type(exc).__name__}: {exc})") from exc
+    if content is None:
+        content = ""  # a model that stops at once; some servers send null rather than ""
+    if not isinstance(content, str):
+        raise _Retryable(f"a malformed completion (content is {type(content).__name__})")
+    stop: StopReason
+    if finish == "stop":
+        stop = "eos"
+        if not content.endswith(END_MARKER):
+            content += END_MARKER
+    elif finish == "length":
+        stop = "max_tokens"
+    else:
+        raise _Retryable(f"a completion with finish_reason {finish!r}")
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return PageText(text=content, stop_reason=stop, tokens=tokens if isinstance(tokens, int) else 0)
+
+
+class RemoteEngine:
+    """DeepSeek-OCR on an OpenAI-compatible server; a ``ConcurrentEngine``.
+
+    ``start`` opens the HTTP client and asks ``GET /v1/models`` for the model name (unless
+    ``model`` is given) and the server kind (unless ``server_kind`` is not ``"auto"``); it raises
+    ``EngineError`` naming the URL when the server cannot be reached. A server that lists no model
+    (``transformers serve`` pinned to one checkpoint) is sent requests without a ``model`` field and
+    answers with its default. ``recognize_page`` sends one chat completion per page, at most
+    ``max_tokens`` tokens, each attempt bounded by ``timeout_seconds``, failed attempts retried
+    ``retries`` times with exponential backoff from ``backoff_seconds``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None,
+        api_key: str | None,
+        concurrency: int,
+        max_tokens: int,
+        timeout_seconds: float,
+        retries: int,
+        server_kind: ServerKind = "auto",
+        backoff_seconds: float = 0.5,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self.url = normalize_base_url(base_url)
+        self.model_name = model or f"{self.url} (model not yet asked)"
+        self.max_concurrency = concurrency
+        self.server_kind: ServerKind = server_kind
+        self._model = model
+        self._request_model = model  # what requests name; settled by start()
+        self._configured_kind = server_kind
+        self._api_key = api_key
+        self._max_tokens = max_tokens
+        self._timeout = timeout_seconds
+        self._retries = retries
+        self._backoff = backoff_seconds
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        """Open the client and learn the model and server kind; no-op when started."""
+        if self._client is not None:
+            return
+        client = httpx.AsyncClient(
+            base_url=self.url,
+            headers=_auth_headers(self._api_key),
+            timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
+            # The ModelManager keeps at most max_concurrency requests in flight; one connection each.
+            limits=httpx.Limits(
+                max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
+            ),
+        )
+        try:
+            listed = await self._call("GET /v1/models", lambda: client.get("/v1/models"), _models_listed)
+        except BaseException:
+            await client.aclose()
+            raise
+        self._adopt(listed)
+        self._client = client
+        log.info("OCR server %s: model %s, server kind %s", self.url, self.model_name, self.server_kind)
+
+    def _adopt(self, listed: list[dict[str, Any]]) -> None:
+        """Pick the model and the server kind from ``/v1/models``' entries."""
+        ids = [entry["id"] for entry in listed]
+        if self._model is not None and ids and self._model not in ids:
+            log.warning("OCR server %s does not list model %r (it lists %s)", self.url, self._model, ids)
+        model = self._model or (ids[0] if ids else None)
+        self.model_name = model or f"{self.url} (the server's default model)"
+        if self._configured_kind == "auto":
+            entry = next((e for e in listed if e["id"] == model), listed[0] if listed else {})
+            owner = entry.get("owned_by")
+            self.server_kind = owner if owner in ("vllm", "sglang") else "openai"
+        self._request_model = model
+
+    async def stop(self) -> None:
+        """Close the HTTP client; the next ``start`` asks the server again."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def request_body(self, data_url: str, prompt: str) -> dict[str, Any]:
+        """The chat-completion body for one page, with the extras this server kind accepts."""
+        body: dict[str, Any] = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
+            "temperature": 0.0,
+            "max_tokens": self._max_tokens,
+        }
+        if self._request_model is not None:
+            body["model"] = self._request_model
+        if self.server_kind in ("vllm", "sglang"):
+            body["skip_special_tokens"] = False
+        if self.server_kind == "vllm":
+            body["vllm_xargs"] = NGRAM_ARGS
+        return body
+
+    async def recognize_page(self, image: Image.Image, options: RecognizeOptions) -> PageText:
+        """One chat completion for ``image``; ``options.prompt`` is the text part.
+
+        ``max_new_tokens`` and ``timeout_seconds`` of ``options`` do not apply: this engine's own
+        ``max_tokens`` and ``timeout_seconds`` do (``APP_VLLM_MAX_TOKENS``,
+        ``APP_VLLM_TIMEOUT_SECONDS``), and the server decides the image geometry.
+        """
+        client = self._client
+        if client is None:
+            raise EngineError(f"the engine for the OCR server at {self.url} is not started")
+        data_url = await asyncio.to_thread(encode_image, image)
+        body = self.request_body(data_url, options.prompt)
+        return await self._call(
+            "a page", lambda: client.post("/v1/chat/completions", json=body), _completion_page
+        )
+
+    async def _call(
+        self,
+        what: str,
+        send: Callable[[], Awaitable[httpx.Response]],
+        parse: Callable[[httpx.Response], T],
+    ) -> T:
+        """``send`` until ``parse`` accepts the answer, retrying what is worth retrying."""
+        attempts = self._retries + 1
+        cause = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await send()
+                if response.status_code in _RETRY_STATUSES or response.status_code >= 500:
+                    raise _Retryable(f"HTTP {response.status_code}: {_snippet(response)}")
+                if response.is_error:
+                    raise EngineError(
+                        f"the OCR server at {self.url} refused {what}: "
+                        f"HTTP {response.status_code}: {_snippet(response)}"
+                    )
+                return parse(response)
+            except httpx.HTTPError as exc:
+                cause = _describe(exc, self._timeout)
+            except _Retryable as exc:
+                cause = str(exc)
+            if attempt < attempts:
+                # Jitter spreads the retries of many pages that failed together.
+                delay = min(self._backoff * 2 ** (attempt - 1), _MAX_BACKOFF_SECONDS)
+                delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not cryptography
+                log.warning(
+                    "OCR server %s, %s, attempt %d/%d: %s; retrying in %.1f s",
+                    self.url,
+                    what,
+                    attempt,
+                    attempts,
+                    cause,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise EngineError(f"the OCR server at {self.url} failed {what} after {attempts} attempt(s): {cause}")
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise _Retryable(f"a body that is not JSON ({_snippet(response)!r})") from exc
+
+
+def _models_listed(response: httpx.Response) -> list[dict[str, Any]]:
+    payload = _json(response)
+    entries = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries
+    ):
+        raise _Retryable("a malformed model list")
+    return entries
+
+
+def _completion_page(response: httpx.Response) -> PageText:
+    return page_text_from_completion(_json(response))
+
+
+async def check_server(base_url: str, *, api_key: str | None, timeout_seconds: float) -> ServerHealth:
+    """Ask ``GET /v1/models`` once (no retries): whether the server answers, for /readyz."""
+    url = normalize_base_url(base_url)
+    started = time.perf_counter()
+    headers = _auth_headers(api_key)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_seconds) as client:
+        try:
+            response = await client.get("/v1/models")
+        except httpx.HTTPError as exc:
+            return ServerHealth(url, False, _describe(exc, timeout_seconds))
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        return ServerHealth(url, False, f"HTTP {response.status_code}: {_snippet(response)}")
+    return ServerHealth(url, True, f"answered in {elapsed_ms:.0f} ms")

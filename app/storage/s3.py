@@ -1,0 +1,102 @@
+"""An S3-compatible bucket through boto3: uploads with a content type, and presigned GET links.
+
+Reaches AWS S3, MinIO, Cloudflare R2, Ceph and Alibaba OSS (through OSS's S3-compatible API).
+Signing, presigning included, is boto3's own. Blocking: callers on the event loop run these
+methods in a thread. botocore's exceptions are translated here into ``UploadError``, whose
+``retriable`` says whether trying again can help; messages never carry credentials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import BinaryIO, Literal
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+CONNECT_TIMEOUT_SECONDS = 10
+READ_TIMEOUT_SECONDS = 60
+# Statuses worth another try: throttling, timeouts and the server's own failures.
+_RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """Where and how to reach a bucket; keys unset means boto3's own chain (env, IAM role)."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    signature_version: str = "s3v4"
+
+
+class UploadError(Exception):
+    """An upload or presign failed; ``retriable`` when a later try may succeed."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retriable = retriable
+
+
+class S3Bucket:
+    """One bucket, one thread-safe boto3 client; ``close()`` releases its connections."""
+
+    def __init__(self, config: BucketConfig) -> None:
+        self.name = config.bucket
+        self._client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            region_name=config.region,
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key,
+            config=Config(
+                signature_version=config.signature_version,
+                s3={"addressing_style": config.addressing_style},
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                read_timeout=READ_TIMEOUT_SECONDS,
+                # One try per call: the publisher retries with its own backoff and records each failure.
+                retries={"max_attempts": 1, "mode": "standard"},
+                # boto3's default checksum trailers (aws-chunked bodies) are refused by several
+                # S3-compatible stores, OSS among them; send checksums only where S3 requires them.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        # Streams of unknown length (the zip) go up in 8 MiB parts; two at a time bounds memory.
+        self._transfer = TransferConfig(max_concurrency=2)
+
+    def upload(self, key: str, body: BinaryIO, content_type: str) -> None:
+        """Upload ``body`` (read to its end, seekable or not) to ``key``; raises ``UploadError``."""
+        try:
+            self._client.upload_fileobj(
+                body, self.name, key, ExtraArgs={"ContentType": content_type}, Config=self._transfer
+            )
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            raise UploadError(
+                f"{error.get('Code', 'error')} ({status}): {error.get('Message', '')}".rstrip(": "),
+                retriable=status in _RETRIABLE_STATUS,
+            ) from exc
+        except BotoCoreError as exc:  # cannot connect, timed out, connection dropped
+            raise UploadError(str(exc), retriable=True) from exc
+        except OSError as exc:  # reading the local file failed: another try reads the same disk
+            raise UploadError(f"reading the file to upload failed: {exc}", retriable=False) from exc
+
+    def presign(self, key: str, expires_seconds: int) -> str:
+        """A GET URL for ``key`` that works without credentials for ``expires_seconds``."""
+        try:
+            return self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.name, "Key": key}, ExpiresIn=expires_seconds
+            )
+        except BotoCoreError as exc:  # e.g. no credentials found in boto3's chain
+            raise UploadError(f"cannot sign a link: {exc}", retriable=False) from exc
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,228 @@
+"""What happens after a task ends, in the background: publishing its results, then its webhook.
+
+When a task ends, ``plan`` marks on its record what is due (a publish, with ``APP_AUTO_PUBLISH``
+and success; a webhook, when it has a ``callback_url``) before that final record is saved, and
+``launch`` starts the work once it is. The publish runs first so the webhook carries its links.
+Neither can delay the task's end, change its status or touch its results: a publish or delivery
+that fails is recorded on ``record.publish`` / ``record.webhook`` and nowhere else.
+
+Once a task is final, only this class writes its record, under one lock, so a publish and a
+delivery of the same task never overwrite each other. Work cut short by a shutdown stays
+``pending`` or ``running`` on disk and ``resume`` starts it again at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from app.errors import DsocrError, InvalidOptions, PublishFailed, TaskNotFinished
+from app.schemas import TaskView
+from app.storage.local import LocalStore
+from app.storage.publish import Publisher
+from app.storage.webhooks import Attempt, WebhookSender, check_callback_url
+from app.tasks.model import (
+    DeliveryStatus,
+    PublishState,
+    TaskErrorInfo,
+    TaskRecord,
+    TaskStatus,
+    WebhookState,
+)
+
+log = logging.getLogger(__name__)
+
+_UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.RUNNING)
+
+
+class FollowUps:
+    """Publishes results and delivers webhooks for finished tasks, never failing the task itself."""
+
+    def __init__(
+        self,
+        *,
+        store: LocalStore,
+        publisher: Publisher,
+        webhooks: WebhookSender | None,
+        auto_publish: bool,
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._webhooks = webhooks  # None: APP_WEBHOOK_SECRET unset, tasks cannot ask for webhooks
+        self._auto_publish = auto_publish
+        self._lock = asyncio.Lock()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._publishing: dict[str, asyncio.Task[PublishState]] = {}  # one publish per task at a time
+
+    # --- at submit ---
+
+    async def check_callback(self, url: str) -> None:
+        """Refuse a ``callback_url`` this service cannot deliver to; raises before anything is stored."""
+        if self._webhooks is None:
+            raise InvalidOptions(
+                "callback_url needs webhooks enabled on the server (APP_WEBHOOK_SECRET) to sign them"
+            )
+        await check_callback_url(url, allow_private=self._webhooks.allow_private)
+
+    # --- when a task ends ---
+
+    def plan(self, record: TaskRecord) -> bool:
+        """Mark what is due on a record about to be saved as final; whether anything is."""
+        due = False
+        if self._auto_publish and record.status is TaskStatus.SUCCEEDED:
+            record.publish = PublishState(status=DeliveryStatus.PENDING, backend=self._publisher.backend)
+            due = True
+        if record.options.callback_url is not None:
+            record.webhook = WebhookState(status=DeliveryStatus.PENDING, delivery_id=uuid.uuid4().hex)
+            due = True
+        return due
+
+    def launch(self, task_id: str) -> None:
+        """Start the work ``plan`` marked, in the background; returns at once."""
+        job = asyncio.create_task(self._follow_up(task_id), name=f"dsocr-followup-{task_id}")
+        self._jobs.add(job)
+        job.add_done_callback(self._job_ended)
+
+    def _job_ended(self, job: asyncio.Task[None]) -> None:
+        self._jobs.discard(job)
+        if not job.cancelled() and job.exception() is not None:
+            log.error("follow-up %s crashed", job.get_name(), exc_info=job.exception())
+
+    # --- on request ---
+
+    async def publish(self, task_id: str) -> PublishState:
+        """Publish a succeeded task's results now and return the links.
+
+        Joins a publish of the same task already under way instead of starting a second one.
+        Raises ``TaskNotFinished`` unless the task succeeded, ``PublishFailed`` when it fails
+        (recorded on the task as well).
+        """
+        record = await asyncio.to_thread(self._store.load, task_id)
+        if record.status is not TaskStatus.SUCCEEDED:
+            raise TaskNotFinished(f"task {task_id} is {record.status.value}; only a succeeded task publishes")
+        state = await self._publish_once(task_id)
+        if state.status is DeliveryStatus.FAILED:
+            raise PublishFailed(state.error.message if state.error else "the publish failed")
+        return state
+
+    # --- lifecycle ---
+
+    def unfinished(self) -> list[str]:
+        """Ids of final tasks whose publish or webhook a stopped process left unfinished (blocking)."""
+        return [
+            record.task_id
+            for record in self._store.list_records()
+            if record.status.is_final
+            and any(state and state.status in _UNFINISHED for state in (record.publish, record.webhook))
+        ]
+
+    async def stop(self) -> None:
+        """Cancel what is under way; it stays unfinished on disk and resumes at the next start."""
+        for job in (*self._jobs, *self._publishing.values()):
+            job.cancel()
+        await asyncio.gather(*self._jobs, *self._publishing.values(), return_exceptions=True)
+        self._publisher.close()
+
+    # --- the work ---
+
+    async def _follow_up(self, task_id: str) -> None:
+        try:
+            record = await asyncio.to_thread(self._store.load, task_id)
+            if record.publish is not None and record.publish.status in _UNFINISHED:
+                await self._publish_once(task_id)
+            if record.webhook is not None and record.webhook.status in _UNFINISHED:
+                await self._deliver(task_id)
+        except DsocrError as exc:  # the task expired (was deleted) meanwhile, or its record is unwritable
+            log.warning("follow-up of task %s stopped: %s", task_id, exc.message)
+
+    async def _publish_once(self, task_id: str) -> PublishState:
+        running = self._publishing.get(task_id)
+        if running is None:
+            running = asyncio.create_task(self._run_publish(task_id), name=f"dsocr-publish-{task_id}")
+            self._publishing[task_id] = running
+
+            def forget(done: asyncio.Task[PublishState]) -> None:
+                if self._publishing.get(task_id) is done:
+                    del self._publishing[task_id]
+
+            running.add_done_callback(forget)
+        # Shielded: a client that hangs up on POST /publish must not abort the publish it started.
+        return await asyncio.shield(running)
+
+    async def _run_publish(self, task_id: str) -> PublishState:
+        backend = self._publisher.backend
+        running = PublishState(status=DeliveryStatus.RUNNING, backend=backend)
+        record = await self._update(task_id, lambda r: setattr(r, "publish", running))
+        try:
+            state = await self._publisher.publish(record)
+        except DsocrError as exc:  # PublishFailed, or a result file gone (the task expired meanwhile)
+            log.warning("publishing task %s failed: %s", task_id, exc.message)
+            state = self._failed_publish(exc.code, exc.message)
+        except Exception as exc:  # a bug must not leave the publish "running" for ever
+            log.exception("publishing task %s failed unexpectedly", task_id)
+            state = self._failed_publish("internal_error", f"unexpected error: {type(exc).__name__}")
+        await self._update(task_id, lambda r: setattr(r, "publish", state))
+        if state.status is DeliveryStatus.SUCCEEDED:
+            log.info("task %s published to %s (%d files)", task_id, backend, len(state.links))
+        return state
+
+    def _failed_publish(self, code: str, message: str) -> PublishState:
+        return PublishState(
+            status=DeliveryStatus.FAILED,
+            backend=self._publisher.backend,
+            error=TaskErrorInfo(code=code, message=message),
+            finished_at=datetime.now(UTC),
+        )
+
+    async def _deliver(self, task_id: str) -> None:
+        def start(record: TaskRecord) -> None:
+            assert record.webhook is not None
+            record.webhook.status = DeliveryStatus.RUNNING
+
+        record = await self._update(task_id, start)
+        assert record.webhook is not None
+        assert record.options.callback_url is not None
+        if self._webhooks is None:  # the secret was removed since the task was accepted
+            await self._end_delivery(task_id, None, "webhooks are off on the server (no APP_WEBHOOK_SECRET)")
+            return
+        body = TaskView.from_record(record).model_dump_json(by_alias=True).encode()
+
+        async def record_attempt(attempt: Attempt) -> None:
+            def note(r: TaskRecord) -> None:
+                assert r.webhook is not None
+                r.webhook.attempts += 1
+                r.webhook.response_status = attempt.status_code
+
+            await self._update(task_id, note)
+
+        last = await self._webhooks.deliver(
+            record.options.callback_url,
+            body,
+            event=f"task.{record.status.value}",
+            delivery_id=record.webhook.delivery_id,
+            on_attempt=record_attempt,
+        )
+        await self._end_delivery(task_id, last.status_code, None if last.delivered else last.error)
+
+    async def _end_delivery(self, task_id: str, status_code: int | None, error: str | None) -> None:
+        def end(record: TaskRecord) -> None:
+            assert record.webhook is not None
+            record.webhook.status = DeliveryStatus.FAILED if error else DeliveryStatus.SUCCEEDED
+            record.webhook.response_status = status_code
+            record.webhook.error = TaskErrorInfo(code="webhook_failed", message=error) if error else None
+            record.webhook.finished_at = datetime.now(UTC)
+
+        await self._update(task_id, end)
+        if error:
+            log.warning("webhook of task %s failed: %s", task_id, error)
+
+    async def _update(self, task_id: str, change: Callable[[TaskRecord], None]) -> TaskRecord:
+        """Load, change and save a final task's record under the lock; the save survives cancellation."""
+        async with self._lock:
+            record = await asyncio.to_thread(self._store.load, task_id)
+            change(record)
+            await asyncio.shield(asyncio.to_thread(self._store.save, record))
+        return record

@@ -1,0 +1,222 @@
+"""Webhooks, delivered to a real HTTP receiver on loopback that checks every signature."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from app.storage.webhooks import sign, verify_signature
+from tests.documents import make_pdf
+from tests.servers import wait_for
+
+WEBHOOK_SECRET = "whsec-test-0123456789"
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    signature_ok: bool
+    answered: int
+
+
+class Receiver:
+    """An HTTP server that verifies signatures as the README tells receivers to, and answers
+    ``fail_first`` requests with 500 (or every request, with ``always=...``) before it accepts."""
+
+    def __init__(self, *, fail_first: int = 0, always: int | None = None) -> None:
+        self.deliveries: list[Delivery] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ok = receiver_verifies(self.headers.get("X-Dsocr-Signature", ""), body)
+                count = len(receiver.deliveries)
+                status = always or (500 if count < fail_first else 204)
+                if not ok:
+                    status = 401
+                receiver.deliveries.append(Delivery(dict(self.headers), body, ok, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks/dsocr"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def receiver_verifies(header: str, body: bytes, tolerance: int = 300) -> bool:
+    """The receiver's side, written from the documented format, not from the service's code."""
+    parts = dict(item.split("=", 1) for item in header.split(","))
+    timestamp = int(parts["t"])
+    expected = hmac.new(WEBHOOK_SECRET.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, parts["v1"]) and abs(time.time() - timestamp) <= tolerance
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    started: list[Receiver] = []
+    yield started
+    for receiver in started:
+        receiver.close()
+
+
+def webhook_ended(client: httpx.Client, task_id: str) -> dict:
+    def poll() -> dict | None:
+        view = client.get(f"/v1/tasks/{task_id}").json()
+        hook = view.get("webhook")
+        return view if hook is not None and hook["status"] in ("succeeded", "failed") else None
+
+    return wait_for(poll, timeout=60)
+
+
+def upload(client: httpx.Client, callback_url: str, pages: int = 1) -> httpx.Response:
+    return client.post(
+        "/v1/tasks/upload",
+        files={"file": ("paper.pdf", make_pdf(pages, picture_page=None))},
+        data={"callback_url": callback_url},
+    )
+
+
+def test_webhook_is_signed_and_retried_until_the_receiver_accepts(make_server, receivers):
+    receiver = Receiver(fail_first=2)
+    receivers.append(receiver)
+    server = make_server(webhook_secret=WEBHOOK_SECRET, webhook_backoff_seconds=0.05, url_allow_private=True)
+    submitted = upload(server.client, receiver.url)
+    assert submitted.status_code == 202, submitted.text
+    task_id = submitted.json()["task_id"]
+    assert submitted.json()["options"]["callback_url"] == receiver.url
+
+    view = webhook_ended(server.client, task_id)
+    assert view["status"] == "succeeded"
+    hook = view["webhook"]
+    assert hook["status"] == "succeeded"
+    assert hook["attempts"] == 3
+    assert hook["response_status"] == 204
+    assert hook["error"] is None
+
+    assert [d.answered for d in receiver.deliveries] == [500, 500, 204]
+    assert all(d.signature_ok for d in receiver.deliveries)
+    first = receiver.deliveries[0]
+    assert {d.headers["X-Dsocr-Delivery"] for d in receiver.deliveries} == {hook["delivery_id"]}
+    assert {d.body for d in receiver.deliveries} == {first.body}  # the same body on every try
+    assert first.headers["X-Dsocr-Event"] == "task.succeeded"
+    assert first.headers["Content-Type"] == "application/json"
+    sent = json.loads(first.body)
+    assert sent["task_id"] == task_id
+    assert sent["status"] == "succeeded"
+    assert sent["links"]["markdown"] == f"/v1/tasks/{task_id}/result.md"
+
+
+def test_failed_and_canceled_tasks_are_reported_and_deliveries_give_up(make_server, receivers):
+    accepting, refusing = Receiver(), Receiver(always=503)
+    receivers.extend([accepting, refusing])
+    server = make_server(
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_backoff_seconds=0.05,
+        webhook_max_attempts=2,
+        url_allow_private=True,
+        fail_on_call=1,
+    )
+    failing = upload(server.client, accepting.url).json()["task_id"]  # the engine's first call fails
+    canceled = upload(server.client, refusing.url).json()["task_id"]  # waits behind it: one worker
+    assert server.client.delete(f"/v1/tasks/{canceled}").json()["status"] == "canceled"
+
+    view = webhook_ended(server.client, failing)
+    assert view["status"] == "failed"
+    assert view["webhook"]["status"] == "succeeded"
+    (delivery,) = accepting.deliveries
+    assert delivery.headers["X-Dsocr-Event"] == "task.failed"
+    assert json.loads(delivery.body)["error"]["code"] == "engine_error"
+
+    view = webhook_ended(server.client, canceled)
+    assert view["status"] == "canceled"
+    hook = view["webhook"]
+    assert hook["status"] == "failed"
+    assert hook["attempts"] == 2
+    assert hook["response_status"] == 503
+    assert hook["error"] == {"code": "webhook_failed", "message": "the receiver answered 503"}
+    assert [d.headers["X-Dsocr-Event"] for d in refusing.deliveries] == ["task.canceled"] * 2
+
+
+def test_callback_urls_are_checked_at_submit(make_server):
+    server = make_server(webhook_secret=WEBHOOK_SECRET)
+    # Loopback only: were a check to let one through, the delivery must not leave this machine.
+    for url in ("http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://[::1]:9/hook"):
+        refused = upload(server.client, url)
+        assert refused.status_code == 400, (url, refused.text)
+        assert refused.json()["error"]["code"] == "url_not_allowed"
+    for url in ("ftp://example.org/hook", "not a url"):
+        refused = upload(server.client, url)
+        assert refused.status_code == 422, (url, refused.text)
+        assert refused.json()["error"]["code"] == "invalid_options"
+    assert server.task_dirs() == []
+    assert server.spool_files() == []
+
+    unsigned = make_server()  # no APP_WEBHOOK_SECRET: webhooks could not be signed, so none are taken
+    refused = upload(unsigned.client, "http://127.0.0.1:9/hook")
+    assert refused.status_code == 422
+    assert "APP_WEBHOOK_SECRET" in refused.json()["error"]["message"]
+    assert unsigned.task_dirs() == []
+
+
+def test_signature_reference_check():
+    body = b'{"task_id": "x"}'
+    header = sign(b"secret", body, 1_700_000_000)
+    assert verify_signature(b"secret", body, header, now=1_700_000_100)
+    assert not verify_signature(b"secret", body + b" ", header, now=1_700_000_100)  # body changed
+    assert not verify_signature(b"other", body, header, now=1_700_000_100)  # another secret
+    assert not verify_signature(b"secret", body, header, now=1_700_001_000)  # too old: a replay
+    assert not verify_signature(b"secret", body, "v1=abc", now=1_700_000_100)
+
+
+def test_a_delivery_cut_short_by_a_restart_resumes(make_server, receivers):
+    receiver = Receiver()
+    receivers.append(receiver)
+    settings = {"webhook_secret": WEBHOOK_SECRET, "url_allow_private": True}
+    first = make_server(**settings)
+    task_id = upload(first.client, receiver.url).json()["task_id"]
+    delivery_id = webhook_ended(first.client, task_id)["webhook"]["delivery_id"]
+
+    # As if the process had died mid-delivery: the record still says "running".
+    record_path = first.data_dir / "tasks" / task_id / "task.json"
+    record = json.loads(record_path.read_text())
+    record["webhook"]["status"] = "running"
+    record_path.write_text(json.dumps(record))
+
+    second = make_server(data_dir=first.data_dir, **settings)
+    view = webhook_ended(second.client, task_id)
+    assert view["webhook"]["status"] == "succeeded"
+    assert [d.headers["X-Dsocr-Delivery"] for d in receiver.deliveries] == [delivery_id, delivery_id]
+
+    # The address guard runs again at connect time: once private targets are no longer allowed, the
+    # same resumed delivery is refused without a connection, and not retried.
+    record = json.loads(record_path.read_text())
+    record["webhook"]["status"] = "pending"
+    record_path.write_text(json.dumps(record))
+    third = make_server(data_dir=first.data_dir, webhook_secret=WEBHOOK_SECRET)
+    hook = webhook_ended(third.client, task_id)["webhook"]
+    assert hook["status"] == "failed"
+    assert hook["attempts"] == 3  # counted over the delivery's life: two runs delivered, this one refused
+    assert "non-public address" in hook["error"]["message"]
+    assert hook["response_status"] is None
+    assert len(receiver.deliveries) == 2
