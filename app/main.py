@@ -85,6 +85,7 @@ def create_app(
         publisher=publisher_from_settings(settings, store=store, signer=signer),
         webhooks=webhooks,
         auto_publish=settings.auto_publish,
+        metrics=metrics,
     )
     downloads = Downloads(
         store=store,

@@ -75,6 +75,15 @@ class Metrics:
             registry=r,
         )
         self.model_unloads = Counter("dsocr_model_unloads", "Idle unloads of the model", registry=r)
+        self.publishes = Counter(
+            "dsocr_publishes",
+            "Publishes of results, by backend and outcome",
+            ["backend", "outcome"],
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "dsocr_webhook_deliveries", "Webhook deliveries that ended, by outcome", ["outcome"], registry=r
+        )
         self.http_requests = Counter(
             "dsocr_http_requests",
             "HTTP requests by route template and status",

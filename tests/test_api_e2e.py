@@ -154,6 +154,10 @@ def test_oversize_upload_is_refused_before_it_is_stored(make_server):
     assert response.json()["error"]["code"] == "payload_too_large"
     assert server.task_dirs() == []
     assert server.spool_files() == []
+    upload(server.client, b"plain text", "notes.txt")
+    metrics = server.client.get("/metrics").text
+    assert 'dsocr_tasks_rejected_total{code="payload_too_large"} 1.0' in metrics
+    assert 'dsocr_tasks_rejected_total{code="unsupported_media_type"} 1.0' in metrics
 
 
 def test_api_keys_guard_every_task_route(make_server):

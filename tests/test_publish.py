@@ -208,6 +208,9 @@ def test_publish_failures_are_recorded_and_never_fail_the_task(make_server, make
     assert view["publish"]["error"]["message"] == error["message"]
     assert client.get(f"/v1/tasks/{task_id}/result.md").status_code == 200
     assert client.get(f"/v1/tasks/{task_id}/result.zip").status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'dsocr_publishes_total{backend="s3",outcome="failed"} 2.0' in metrics
+    assert 'dsocr_publishes_total{backend="s3",outcome="succeeded"} 1.0' in metrics
 
 
 def test_publish_needs_a_succeeded_task(make_server):

@@ -125,6 +125,8 @@ def test_webhook_is_signed_and_retried_until_the_receiver_accepts(make_server, r
     assert sent["task_id"] == task_id
     assert sent["status"] == "succeeded"
     assert sent["links"]["markdown"] == f"/v1/tasks/{task_id}/result.md"
+    metrics = server.client.get("/metrics").text
+    assert 'dsocr_webhook_deliveries_total{outcome="succeeded"} 1.0' in metrics
 
 
 def test_failed_and_canceled_tasks_are_reported_and_deliveries_give_up(make_server, receivers):

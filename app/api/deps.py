@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings
-from app.errors import Unauthorized
+from app.errors import ClientError, Unauthorized
 from app.tasks.service import TaskService
 
 _bearer = HTTPBearer(auto_error=False, description="One of the keys in APP_API_KEYS.")
@@ -70,3 +71,17 @@ async def get_caller(settings: SettingsDep, credentials: CredentialsDep) -> str 
 ApiKeyDep = Depends(get_caller)
 # The same dependency, so FastAPI runs it once per request: the router's guard and a handler's caller.
 CallerDep = Annotated[str | None, Depends(get_caller)]
+
+
+async def count_rejections(request: Request) -> AsyncIterator[None]:
+    """Count every refused submission by its error code, wherever it was refused: the upload
+    parser (413, 415), the document checks (422) or the queue (429)."""
+    try:
+        yield
+    except ClientError as exc:
+        if not isinstance(exc, Unauthorized):  # not a submission: anyone can knock without a key
+            request.app.state.metrics.tasks_rejected.labels(exc.code).inc()
+        raise
+
+
+CountRejectionsDep = Depends(count_rejections)

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from app.api.deps import ApiKeyDep, CallerDep, SettingsDep, TasksDep
+from app.api.deps import ApiKeyDep, CallerDep, CountRejectionsDep, SettingsDep, TasksDep
 from app.api.links import DownloadsDep, FollowUpsDep, stream_file
 from app.api.sse import event_stream
 from app.config import Settings
@@ -127,6 +127,7 @@ def _accepted(tasks: TaskService, created: Created, response: Response) -> TaskV
     response_model=TaskView,
     responses=_CREATED,
     openapi_extra=_UPLOAD_FORM,
+    dependencies=[CountRejectionsDep],
 )
 async def upload_task(
     request: Request,
@@ -142,7 +143,13 @@ async def upload_task(
     return _accepted(tasks, created, response)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskView, responses=_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskView,
+    responses=_CREATED,
+    dependencies=[CountRejectionsDep],
+)
 async def create_task(
     body: TaskCreate,
     response: Response,
@@ -311,6 +318,7 @@ _CONVERT_BODY = {
         **_ERRORS,
     },
     openapi_extra=_CONVERT_BODY,
+    dependencies=[CountRejectionsDep],
 )
 async def convert_document(
     request: Request,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from app.errors import DsocrError, InvalidOptions, PublishFailed, TaskNotFinished
+from app.metrics import Metrics
 from app.schemas import TaskView
 from app.storage.local import LocalStore
 from app.storage.publish import Publisher
@@ -48,8 +49,10 @@ class FollowUps:
         publisher: Publisher,
         webhooks: WebhookSender | None,
         auto_publish: bool,
+        metrics: Metrics,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._publisher = publisher
         self._webhooks = webhooks  # None: APP_WEBHOOK_SECRET unset, tasks cannot ask for webhooks
         self._auto_publish = auto_publish
@@ -165,6 +168,7 @@ class FollowUps:
             log.exception("publishing task %s failed unexpectedly", task_id)
             state = self._failed_publish("internal_error", f"unexpected error: {type(exc).__name__}")
         await self._update(task_id, lambda r: setattr(r, "publish", state))
+        self._metrics.publishes.labels(backend, state.status.value).inc()
         if state.status is DeliveryStatus.SUCCEEDED:
             log.info("task %s published to %s (%d files)", task_id, backend, len(state.links))
         return state
@@ -216,6 +220,7 @@ class FollowUps:
             record.webhook.finished_at = datetime.now(UTC)
 
         await self._update(task_id, end)
+        self._metrics.webhook_deliveries.labels("failed" if error else "succeeded").inc()
         if error:
             log.warning("webhook of task %s failed: %s", task_id, error)
 

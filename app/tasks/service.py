@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app.errors import (
-    DsocrError,
     InvalidOptions,
     QueueFull,
     TaskAlreadyFinished,
@@ -213,10 +212,8 @@ class TaskService:
                 raise
             reservation.commit(record.task_id)
             self._board.queued(record.task_id, len(numbers))
-        except BaseException as exc:
+        except BaseException:
             received.path.unlink(missing_ok=True)
-            if isinstance(exc, DsocrError) and not isinstance(exc, QueueFull):  # _queue_full counted it
-                self.metrics.tasks_rejected.labels(exc.code).inc()
             raise
         self.metrics.tasks_submitted.inc()
         self.metrics.queue_depth.set(self.queue.depth())
@@ -231,7 +228,6 @@ class TaskService:
     def _queue_full(self) -> QueueFull:
         depth = self.queue.depth()
         wait = math.ceil(self._seconds_per_task * max(depth, 1) / self.limits.workers)
-        self.metrics.tasks_rejected.labels("queue_full").inc()
         return QueueFull(
             f"the queue is full ({depth} tasks waiting); retry later", retry_after=min(max(wait, 1), 600)
         )
