@@ -134,7 +134,7 @@ def make_server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., 
         stack.append(server)
         client = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer sk_test"}, timeout=60)
         clients.append(client)
-        return RunningService(server.url, client, app, data_dir, engines)
+        return RunningService(server.url, client, app, settings.data_dir, engines)
 
     yield start
     for client in clients:
