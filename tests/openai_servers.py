@@ -16,8 +16,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -27,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from PIL import Image
 
-from tests.servers import free_port
+from tests.servers import LoopbackProcess
 
 TINY_REPO_ID = "dsocr/tiny-ocr2"
 _SNAPSHOT = "0" * 40  # any 40-hex revision; refs/main points at it
@@ -49,7 +46,7 @@ def hub_cache_with(model_dir: Path, cache_dir: Path, repo_id: str = TINY_REPO_ID
     return cache_dir
 
 
-class TransformersServe:
+class TransformersServe(LoopbackProcess):
     """``transformers serve dsocr/tiny-ocr2 --device cpu`` on a free loopback port, offline.
 
     ``start`` returns at once (the server takes 10-20 s to come up); ``wait_ready`` waits for its
@@ -57,11 +54,8 @@ class TransformersServe:
     """
 
     def __init__(self, model_dir: Path, work_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = work_dir / f"transformers-serve-{self.port}.log"
+        super().__init__(work_dir / "transformers-serve.log")
         self._cache = hub_cache_with(model_dir, work_dir / "hub")
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> TransformersServe:
         cli = Path(sys.executable).with_name("transformers")
@@ -72,41 +66,12 @@ class TransformersServe:
             "OMP_NUM_THREADS": "2",
         }
         command = [str(cli), "serve", TINY_REPO_ID, "--device", "cpu", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port)]
-        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.spawn([*command, "--port", str(self.port)], env)
         return self
 
-    def wait_ready(self, timeout: float = 90) -> TransformersServe:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"transformers serve did not start in {timeout} s: {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL: connections drop mid-answer, nothing is said goodbye."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def wait_ready(self, health_path: str = "/health", timeout: float = 90) -> TransformersServe:
+        super().wait_ready(health_path, timeout)
+        return self
 
 
 # --- a scripted server ----------------------------------------------------------------------------

@@ -50,37 +50,47 @@ class ThreadedServer:
         self._thread.join(timeout=60)
 
 
-class ProcessServer:
-    """``python -m app`` in its own process, configured by ``APP_*`` variables, like a user runs it."""
+class LoopbackProcess:
+    """A server in its own process on a free loopback port; its output goes to ``log_path``.
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    ``kill`` is SIGKILL (no shutdown hook runs, as when a machine or container dies); ``stop``
+    terminates it gently and kills it if it does not go.
+    """
+
+    def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._env = {**os.environ, **env, "APP_HOST": "127.0.0.1", "APP_PORT": str(self.port)}
-        self._log_path = log_path
+        self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> ProcessServer:
-        with self._log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+    def spawn(self, command: list[str], env: Mapping[str, str], cwd: Path | None = None) -> None:
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app"], cwd=REPO, env=self._env, stdout=log, stderr=subprocess.STDOUT
+                command, cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT
             )
+
+    def wait_ready(self, health_path: str, timeout: float) -> None:
+        """Poll ``health_path`` until it answers 200; raise with the log's tail if the process dies."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self._log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.process.args!r} exited: {self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
+                if httpx.get(f"{self.url}{health_path}", timeout=1).status_code == 200:
+                    return
             except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError(f"server did not start: {self._log_path.read_text()[-3000:]}")
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.process.args!r} did not start in {timeout} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown hook runs, as when a machine or container dies."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -89,6 +99,19 @@ class ProcessServer:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class ProcessServer(LoopbackProcess):
+    """``python -m app`` in its own process, configured by ``APP_*`` variables, like a user runs it."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        super().__init__(log_path)
+        self._env = {**os.environ, **env, "APP_HOST": "127.0.0.1", "APP_PORT": str(self.port)}
+
+    def start(self, timeout: float = 60) -> ProcessServer:
+        self.spawn([sys.executable, "-m", "app"], self._env, cwd=REPO)
+        self.wait_ready("/healthz", timeout)
+        return self
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.05) -> Any:
