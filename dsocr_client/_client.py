@@ -1,0 +1,472 @@
+"""``Client`` and ``AsyncClient``: the dsocr HTTP API on httpx, one method per thing a program does.
+
+Both share the request shapes and the event parsing below; they differ only in awaiting. Every
+error answer becomes a typed ``DsocrError`` (see ``errors``) in ``_check``, the one place that reads
+error bodies; transport failures become ``ConnectionFailed`` where a request is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from httpx_sse import ServerSentEvent, SSEError, aconnect_sse, connect_sse
+
+from dsocr_client.errors import ConnectionFailed, QueueFull, WaitTimeout, error_from_response
+from dsocr_client.models import Progress, Task
+
+Source = str | os.PathLike[str] | IO[bytes]
+"""What ``submit`` takes: an ``http(s)://`` URL, a path, or a binary file object."""
+ProgressCallback = Callable[[Progress], None]
+AsyncProgressCallback = Callable[[Progress], Awaitable[None] | None]
+
+DEFAULT_URL = "http://localhost:8000"
+MAX_POLL_SECONDS = 60  # the server's cap on GET /v1/tasks/{id}?wait=
+STREAM_READ_SECONDS = 60.0  # the server pings every 15 s by default; silence this long means a dead stream
+MAX_STREAM_FAILURES = 3  # consecutive stream failures (no event received) before falling back to polling
+RESULT_FILES = ("full.md", "layout.json")  # downloaded before result.json, which is written last
+
+
+def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    """Base URL and headers: explicit arguments, else ``DSOCR_URL`` / ``DSOCR_API_KEY``."""
+    url = base_url or os.environ.get("DSOCR_URL") or DEFAULT_URL
+    key = api_key if api_key is not None else os.environ.get("DSOCR_API_KEY")
+    return url.rstrip("/"), {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _is_url(source: Source) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
+def _create_request(
+    source: Source, options: dict[str, Any], idempotency_key: str | None, files: ExitStack
+) -> dict[str, Any]:
+    """Arguments of the create request for ``source``; a path is opened on ``files`` so the upload
+    streams from disk (httpx reads it in chunks and rewinds it for a retry)."""
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    options = {name: value for name, value in options.items() if value is not None}
+    if _is_url(source):
+        return {
+            "method": "POST",
+            "url": "/v1/tasks",
+            "json": {"url": source, "options": options},
+            "headers": headers,
+        }
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        handle: IO[bytes] = files.enter_context(path.open("rb"))
+        name = path.name
+    else:
+        handle, name = source, Path(str(getattr(source, "name", "document"))).name
+    data = {"options": json.dumps(options)} if options else None
+    return {
+        "method": "POST",
+        "url": "/v1/tasks/upload",
+        "files": {"file": (name, handle)},
+        "data": data,
+        "headers": headers,
+    }
+
+
+def _progress(task_id: str, event: ServerSentEvent) -> tuple[Progress, Task | None]:
+    """The progress an event reports, and the task view for ``status`` and ``end`` events."""
+    data = event.json()
+    if event.event == "page":
+        progress = Progress(
+            task_id, "running", data["pages_done"], data["pages_total"], data["page"], data["seconds"]
+        )
+        return progress, None
+    task = Task.from_json(data)
+    return Progress(task_id, task.status, task.pages_done, task.pages_total), task
+
+
+def _remaining(deadline: float | None, task_id: str) -> float | None:
+    """Seconds left before ``deadline``; raises ``WaitTimeout`` once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise WaitTimeout("wait_timeout", f"task {task_id} did not end in time; it keeps running")
+    return left
+
+
+def _result_path(task_id: str, name: str) -> str:
+    """The route of a result file named as in the storage layout (``full.md`` is served as
+    ``result.md``)."""
+    return f"/v1/tasks/{task_id}/{'result.md' if name == 'full.md' else name}"
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.is_error:
+        raise error_from_response(response)
+    return response
+
+
+async def _report(on_progress: AsyncProgressCallback | None, progress: Progress) -> None:
+    if on_progress is not None:
+        outcome = on_progress(progress)
+        if inspect.isawaitable(outcome):
+            await outcome
+
+
+class _StreamUnavailable(Exception):
+    """The event stream failed repeatedly; ``wait`` falls back to long-polling."""
+
+
+class Client:
+    """A synchronous client of one dsocr server; safe to share between threads.
+
+    ``base_url`` and ``api_key`` default to ``DSOCR_URL`` (else ``http://localhost:8000``) and
+    ``DSOCR_API_KEY``. A ``429`` is retried up to ``max_retries`` times, sleeping its
+    ``Retry-After`` (at most ``max_retry_wait`` seconds); then ``QueueFull`` is raised.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        max_retry_wait: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        url, headers = _settings(base_url, api_key)
+        self.base_url = url
+        self.max_retries = max_retries
+        self.max_retry_wait = max_retry_wait
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Send a request, retrying 429; raises the typed error of any other error answer."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, url, **kwargs)
+            except httpx.TransportError as exc:
+                raise ConnectionFailed("connection_failed", f"{self.base_url}: {exc}") from exc
+            if response.status_code != 429 or attempt == self.max_retries:
+                return _check(response)
+            error = error_from_response(response)
+            assert isinstance(error, QueueFull)
+            time.sleep(min(error.retry_after, self.max_retry_wait))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def submit(self, source: Source, *, idempotency_key: str | None = None, **options: Any) -> Task:
+        """Queue ``source`` (URL, path or binary file object) with ``options`` (``mode``, ``pages``,
+        ``dpi`` ...; ``None`` values are left out) and return its task.
+
+        With ``idempotency_key``, a repeat of the same request returns the first task, so a timed-out
+        submit may be sent again safely. Raises ``UnsupportedFile``, ``InvalidInput``,
+        ``PayloadTooLarge``, ``QueueFull`` (after the retries), ``AuthError``, ``ConnectionFailed``.
+        """
+        with ExitStack() as files:
+            request = _create_request(source, options, idempotency_key, files)
+            return Task.from_json(self._send(**request).json())
+
+    def get(self, task_id: str, *, wait: float = 0) -> Task:
+        """The task now; with ``wait`` (at most 60 s), once it ends or the wait is over."""
+        params = {"wait": wait} if wait else None
+        return Task.from_json(self._send("GET", f"/v1/tasks/{task_id}", params=params).json())
+
+    def wait(
+        self, task_id: str, on_progress: ProgressCallback | None = None, timeout: float | None = None
+    ) -> Task:
+        """Block until the task ends and return it (succeeded, failed or canceled: check ``status``).
+
+        Follows the task's event stream, resuming with ``Last-Event-ID`` when it drops, so
+        ``on_progress`` sees each status change and each finished page once; after
+        ``MAX_STREAM_FAILURES`` failed connections in a row it long-polls instead. Raises
+        ``WaitTimeout`` after ``timeout`` seconds, ``NotFound`` for a task this key cannot see.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return self._follow(task_id, on_progress, deadline)
+        except _StreamUnavailable:
+            return self._poll(task_id, on_progress, deadline)
+
+    def _follow(self, task_id: str, on_progress: ProgressCallback | None, deadline: float | None) -> Task:
+        last_id: str | None = None
+        failures = 0
+        while True:
+            left = _remaining(deadline, task_id)
+            read = STREAM_READ_SECONDS if left is None else min(left, STREAM_READ_SECONDS)
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(
+                    self._http,
+                    "GET",
+                    f"/v1/tasks/{task_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(self._http.timeout.connect, read=read),
+                ) as source:
+                    if source.response.status_code == 204:  # resumed after the end: nothing more comes
+                        return self.get(task_id)
+                    if source.response.is_error:
+                        source.response.read()
+                        _check(source.response)
+                    for event in source.iter_sse():
+                        failures = 0
+                        last_id = event.id or last_id
+                        progress, task = _progress(task_id, event)
+                        if on_progress:
+                            on_progress(progress)
+                        if event.event == "end" and task is not None:
+                            return task
+                        _remaining(deadline, task_id)
+            except (httpx.TransportError, SSEError) as exc:
+                failures += 1
+                if failures >= MAX_STREAM_FAILURES:
+                    raise _StreamUnavailable from exc
+            # the stream closed before its end event (a restart, a proxy): resume where it stopped
+
+    def _poll(self, task_id: str, on_progress: ProgressCallback | None, deadline: float | None) -> Task:
+        seen: tuple[str, int] | None = None
+        while True:
+            left = _remaining(deadline, task_id)
+            task = self.get(task_id, wait=MAX_POLL_SECONDS if left is None else min(left, MAX_POLL_SECONDS))
+            if on_progress and (task.status, task.pages_done) != seen:
+                on_progress(Progress(task_id, task.status, task.pages_done, task.pages_total))
+            seen = (task.status, task.pages_done)
+            if task.is_final:
+                return task
+
+    def download(self, task_id: str, out_dir: str | os.PathLike[str]) -> Task:
+        """Write a succeeded task's ``full.md``, ``layout.json``, ``images/`` and ``result.json`` under
+        ``out_dir`` (the server's storage layout) and return the task.
+
+        ``result.json`` is written last, each file through a temporary name, so its presence means
+        the download is complete. Raises ``Conflict`` while the task is unfinished.
+        """
+        out = Path(out_dir)
+        result = self._send("GET", f"/v1/tasks/{task_id}/result.json").content
+        task = Task.from_json(json.loads(result))
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for name in [*RESULT_FILES, *(f"images/{image}" for image in task.images)]:
+            with self._http.stream("GET", _result_path(task_id, name)) as response:
+                if response.is_error:
+                    response.read()
+                    _check(response)
+                _write_atomically(out / name, response.iter_bytes())
+        _write_atomically(out / "result.json", iter([result]))
+        return task
+
+    def result(self, task_id: str, name: str) -> bytes:
+        """One result file of a succeeded task: ``full.md``, ``layout.json``, ``result.json`` or
+        ``images/<name>``. Raises ``Conflict`` while unfinished, ``NotFound`` for an unknown name."""
+        return self._send("GET", _result_path(task_id, name)).content
+
+    def cancel(self, task_id: str) -> Task:
+        """Cancel a queued task, or a running one at its next page; ``Conflict`` if it already ended."""
+        return Task.from_json(self._send("DELETE", f"/v1/tasks/{task_id}").json())
+
+    def list(
+        self, status: str | None = None, limit: int | None = None, page_size: int = 100
+    ) -> Iterator[Task]:
+        """Your tasks, newest first, at most ``limit`` (all when ``None``), fetched a page at a time."""
+        cursor: str | None = None
+        yielded = 0
+        while True:
+            page = self._send(
+                "GET", "/v1/tasks", params=_list_params(status, page_size, limit, yielded, cursor)
+            )
+            body = page.json()
+            for item in body["tasks"]:
+                yield Task.from_json(item)
+                yielded += 1
+                if limit is not None and yielded >= limit:
+                    return
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return
+
+
+def _list_params(
+    status: str | None, page_size: int, limit: int | None, yielded: int, cursor: str | None
+) -> dict[str, Any]:
+    size = page_size if limit is None else min(page_size, limit - yielded)
+    params: dict[str, Any] = {"limit": max(1, min(size, 100))}
+    if status:
+        params["status"] = status
+    if cursor:
+        params["cursor"] = cursor
+    return params
+
+
+def _write_atomically(path: Path, chunks: Iterator[bytes]) -> None:
+    """Write through ``<name>.part`` and rename, so a file that exists is a whole file."""
+    partial = path.with_name(path.name + ".part")
+    with partial.open("wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+    partial.replace(path)
+
+
+class AsyncClient:
+    """The asynchronous twin of ``Client``: the same methods, awaited; ``list`` is an async iterator."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        max_retry_wait: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        url, headers = _settings(base_url, api_key)
+        self.base_url = url
+        self.max_retries = max_retries
+        self.max_retry_wait = max_retry_wait
+        self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, transport=transport)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """As ``Client._send``."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = await self._http.request(method, url, **kwargs)
+            except httpx.TransportError as exc:
+                raise ConnectionFailed("connection_failed", f"{self.base_url}: {exc}") from exc
+            if response.status_code != 429 or attempt == self.max_retries:
+                return _check(response)
+            error = error_from_response(response)
+            assert isinstance(error, QueueFull)
+            await asyncio.sleep(min(error.retry_after, self.max_retry_wait))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def submit(self, source: Source, *, idempotency_key: str | None = None, **options: Any) -> Task:
+        """As ``Client.submit``."""
+        with ExitStack() as files:
+            request = _create_request(source, options, idempotency_key, files)
+            return Task.from_json((await self._send(**request)).json())
+
+    async def get(self, task_id: str, *, wait: float = 0) -> Task:
+        """As ``Client.get``."""
+        params = {"wait": wait} if wait else None
+        return Task.from_json((await self._send("GET", f"/v1/tasks/{task_id}", params=params)).json())
+
+    async def wait(
+        self,
+        task_id: str,
+        on_progress: AsyncProgressCallback | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - as Client.wait; the deadline spans reconnects
+    ) -> Task:
+        """As ``Client.wait``; ``on_progress`` may also be a coroutine function, awaited in turn."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return await self._follow(task_id, on_progress, deadline)
+        except _StreamUnavailable:
+            return await self._poll(task_id, on_progress, deadline)
+
+    async def _follow(
+        self, task_id: str, on_progress: AsyncProgressCallback | None, deadline: float | None
+    ) -> Task:
+        last_id: str | None = None
+        failures = 0
+        while True:
+            left = _remaining(deadline, task_id)
+            read = STREAM_READ_SECONDS if left is None else min(left, STREAM_READ_SECONDS)
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                async with aconnect_sse(
+                    self._http,
+                    "GET",
+                    f"/v1/tasks/{task_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(self._http.timeout.connect, read=read),
+                ) as source:
+                    if source.response.status_code == 204:
+                        return await self.get(task_id)
+                    if source.response.is_error:
+                        await source.response.aread()
+                        _check(source.response)
+                    async for event in source.aiter_sse():
+                        failures = 0
+                        last_id = event.id or last_id
+                        progress, task = _progress(task_id, event)
+                        await _report(on_progress, progress)
+                        if event.event == "end" and task is not None:
+                            return task
+                        _remaining(deadline, task_id)
+            except (httpx.TransportError, SSEError) as exc:
+                failures += 1
+                if failures >= MAX_STREAM_FAILURES:
+                    raise _StreamUnavailable from exc
+
+    async def _poll(
+        self, task_id: str, on_progress: AsyncProgressCallback | None, deadline: float | None
+    ) -> Task:
+        seen: tuple[str, int] | None = None
+        while True:
+            left = _remaining(deadline, task_id)
+            wait = MAX_POLL_SECONDS if left is None else min(left, MAX_POLL_SECONDS)
+            task = await self.get(task_id, wait=wait)
+            if (task.status, task.pages_done) != seen:
+                await _report(on_progress, Progress(task_id, task.status, task.pages_done, task.pages_total))
+            seen = (task.status, task.pages_done)
+            if task.is_final:
+                return task
+
+    async def download(self, task_id: str, out_dir: str | os.PathLike[str]) -> Task:
+        """As ``Client.download``; files are written in a thread, off the event loop."""
+        out = Path(out_dir)
+        result = (await self._send("GET", f"/v1/tasks/{task_id}/result.json")).content
+        task = Task.from_json(json.loads(result))
+        await asyncio.to_thread((out / "images").mkdir, parents=True, exist_ok=True)
+        for name in [*RESULT_FILES, *(f"images/{image}" for image in task.images)]:
+            response = await self._send("GET", _result_path(task_id, name))
+            await asyncio.to_thread(_write_atomically, out / name, iter([response.content]))
+        await asyncio.to_thread(_write_atomically, out / "result.json", iter([result]))
+        return task
+
+    async def result(self, task_id: str, name: str) -> bytes:
+        """As ``Client.result``."""
+        return (await self._send("GET", _result_path(task_id, name))).content
+
+    async def cancel(self, task_id: str) -> Task:
+        """As ``Client.cancel``."""
+        return Task.from_json((await self._send("DELETE", f"/v1/tasks/{task_id}")).json())
+
+    async def list(
+        self, status: str | None = None, limit: int | None = None, page_size: int = 100
+    ) -> AsyncIterator[Task]:
+        """As ``Client.list``, an async iterator."""
+        cursor: str | None = None
+        yielded = 0
+        while True:
+            params = _list_params(status, page_size, limit, yielded, cursor)
+            body = (await self._send("GET", "/v1/tasks", params=params)).json()
+            for item in body["tasks"]:
+                yield Task.from_json(item)
+                yielded += 1
+                if limit is not None and yielded >= limit:
+                    return
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return

@@ -1,0 +1,197 @@
+"""``dsocr_client`` against a real server: every call, the typed errors, retries, ownership, async."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dsocr_client import (
+    AsyncClient,
+    AuthError,
+    Client,
+    Conflict,
+    ConnectionFailed,
+    InvalidInput,
+    NotFound,
+    Progress,
+    QueueFull,
+    UnsupportedFile,
+)
+from tests.documents import make_pdf, png_bytes
+from tests.servers import wait_for
+from tests.test_api_e2e import PAGE_1, PAGE_2, PAGE_3
+
+MIB = 1024 * 1024
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """A real transport that counts requests by path, and refuses event streams when told to."""
+
+    def __init__(self, *, refuse_events: bool = False) -> None:
+        super().__init__()
+        self.paths: list[str] = []
+        self.refuse_events = refuse_events
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        if self.refuse_events and request.url.path.endswith("/events"):
+            raise httpx.ConnectError("event streams are blocked here", request=request)
+        return super().handle_request(request)
+
+
+@pytest.fixture
+def pdf(tmp_path: Path) -> Path:
+    path = tmp_path / "paper.pdf"
+    path.write_bytes(make_pdf(3))
+    return path
+
+
+def test_submit_wait_download_list_and_get(make_server, pdf, tmp_path):
+    server = make_server(answers=[PAGE_1, PAGE_2, PAGE_3], ds_batch_size=1)
+    seen: list[Progress] = []
+    with Client(server.url, "sk_test") as client:
+        task = client.submit(pdf, dpi=100)
+        assert task.status in ("queued", "running")
+        done = client.wait(task.task_id, on_progress=seen.append, timeout=60)
+        assert (done.status, done.pages_done, done.pages_total) == ("succeeded", 3, 3)
+        assert [p.page for p in seen if p.page is not None] == [1, 2, 3]  # each page once, in order
+        assert seen[-1].status == "succeeded"
+
+        out = tmp_path / "out"
+        client.download(task.task_id, out)
+        assert "Page 1 heading" in (out / "full.md").read_text()
+        assert (out / "layout.json").is_file()
+        assert (out / "result.json").is_file()
+        assert [p.name for p in (out / "images").iterdir()] == ["p0003_01.png"]
+        assert not list(out.rglob("*.part"))
+
+        assert client.get(task.task_id).raw["options"]["dpi"] == 100
+        assert [t.task_id for t in client.list(status="succeeded")] == [task.task_id]
+        assert client.result(task.task_id, "images/p0003_01.png").startswith(b"\x89PNG")
+
+
+def test_api_errors_become_typed_exceptions(make_server, tmp_path):
+    server = make_server(answers=[PAGE_1])
+    corrupt = tmp_path / "broken.pdf"
+    corrupt.write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\n%%EOF garbage")
+    text = tmp_path / "notes.txt"
+    text.write_text("plain text is not a document")
+    with Client(server.url, "sk_wrong") as wrong, pytest.raises(AuthError) as auth:
+        wrong.get("anything")
+    assert (auth.value.status, auth.value.code) == (401, "unauthorized")
+    with Client(server.url, "sk_test") as client:
+        with pytest.raises(NotFound) as missing:
+            client.get("no-such-task")
+        assert missing.value.status == 404
+        with pytest.raises(InvalidInput) as invalid:
+            client.submit(corrupt)
+        assert invalid.value.code == "invalid_document"
+        with pytest.raises(UnsupportedFile) as unsupported:
+            client.submit(text)
+        assert unsupported.value.status == 415
+        with pytest.raises(InvalidInput) as options:
+            client.submit(io.BytesIO(make_pdf(1)), pages="9")
+        assert options.value.code == "invalid_options"
+        task = client.submit(io.BytesIO(png_bytes()))
+        client.wait(task.task_id, timeout=60)
+        with pytest.raises(Conflict):
+            client.cancel(task.task_id)  # already finished
+    with Client("http://127.0.0.1:9", "sk_test") as nowhere, pytest.raises(ConnectionFailed):
+        nowhere.get("x")
+
+
+def test_a_full_queue_is_retried_honouring_retry_after(make_server, standin_gpu):
+    standin_gpu.free_bytes = 0  # the GPU gate holds the first task in the worker
+    server = make_server(answers=[PAGE_1], gpu_probe=standin_gpu, gpu_min_free_mb=1, queue_max=1)
+    transport = CountingTransport()
+    pdf = make_pdf(1, picture_page=None)
+    with Client(server.url, "sk_test", max_retries=2, max_retry_wait=0.05, transport=transport) as client:
+        held = client.submit(io.BytesIO(pdf))
+        wait_for(lambda: client.get(held.task_id).raw["waiting_reason"])
+        queued = client.submit(io.BytesIO(pdf))  # fills the queue (bound 1)
+        with pytest.raises(QueueFull) as full:
+            client.submit(io.BytesIO(pdf))
+        assert full.value.retry_after >= 1
+        assert transport.paths.count("/v1/tasks/upload") == 2 + 3  # then 1 try + 2 retries
+
+        client.max_retries = 50
+        room = threading.Timer(0.3, client.cancel, args=(queued.task_id,))  # room in the queue soon
+        room.start()
+        try:
+            third = client.submit(io.BytesIO(pdf))  # its retries outlast the full queue
+        finally:
+            room.join()
+        assert third.status == "queued"
+        standin_gpu.free_bytes = 8000 * MIB
+        assert client.wait(third.task_id, timeout=60).status == "succeeded"
+
+
+def test_tasks_belong_to_the_key_that_created_them(make_server, pdf):
+    server = make_server(api_keys="sk_a,sk_b", answers=[PAGE_1])
+    with Client(server.url, "sk_a") as a, Client(server.url, "sk_b") as b:
+        task = a.submit(pdf, pages="1")
+        for call in (b.get, b.cancel, b.wait):
+            with pytest.raises(NotFound):
+                call(task.task_id)
+        assert list(b.list()) == []
+        assert [t.task_id for t in a.list()] == [task.task_id]
+        a.wait(task.task_id, timeout=60)
+
+
+def test_an_idempotent_retry_returns_the_first_task(make_server, pdf):
+    server = make_server(answers=[PAGE_1])
+    with Client(server.url, "sk_test") as client:
+        first = client.submit(pdf, idempotency_key="upload-1", pages="1")
+        again = client.submit(pdf, idempotency_key="upload-1", pages="1")
+        assert again.task_id == first.task_id
+        with pytest.raises(InvalidInput) as reused:
+            client.submit(pdf, idempotency_key="upload-1", pages="2")
+        assert reused.value.code == "idempotency_key_reused"
+        client.wait(first.task_id, timeout=60)
+        assert len(list(client.list())) == 1
+
+
+def test_wait_falls_back_to_long_polling_when_streams_fail(make_server, pdf):
+    server = make_server(answers=[PAGE_1], ds_batch_size=1)
+    transport = CountingTransport(refuse_events=True)
+    seen: list[Progress] = []
+    with Client(server.url, "sk_test", transport=transport) as client:
+        task = client.submit(pdf)
+        done = client.wait(task.task_id, on_progress=seen.append, timeout=60)
+    assert done.status == "succeeded"
+    assert seen[-1].status == "succeeded"
+    assert sum(path.endswith("/events") for path in transport.paths) == 3  # then GET ?wait=
+
+
+def test_list_pages_through_every_task(make_server):
+    server = make_server(answers=[PAGE_1])
+    with Client(server.url, "sk_test") as client:
+        ids = [client.submit(io.BytesIO(png_bytes()), idempotency_key=None).task_id for _ in range(3)]
+        listed = [t.task_id for t in client.list(page_size=1)]
+        assert listed == ids[::-1]  # newest first, across three pages
+        assert len(list(client.list(limit=2, page_size=1))) == 2
+        for task_id in ids:
+            client.wait(task_id, timeout=60)
+
+
+async def test_the_async_client_does_the_same(make_server, tmp_path):
+    server = make_server(answers=[PAGE_1], ds_batch_size=1)
+    seen: list[Progress] = []
+
+    async def on_progress(progress: Progress) -> None:
+        seen.append(progress)
+
+    async with AsyncClient(server.url, "sk_test") as client:
+        task = await client.submit(io.BytesIO(make_pdf(2, picture_page=None)))
+        done = await client.wait(task.task_id, on_progress=on_progress, timeout=60)
+        assert done.status == "succeeded"
+        assert [p.page for p in seen if p.page] == [1, 2]
+        await client.download(task.task_id, tmp_path / "out")
+        assert (tmp_path / "out" / "full.md").read_text().startswith("# Page 1 heading")
+        assert [t.task_id async for t in client.list()] == [task.task_id]
+        with pytest.raises(NotFound):
+            await client.get("no-such-task")
