@@ -17,7 +17,7 @@ from app.api.errors import install_error_handlers
 from app.api.http_metrics import HttpMetricsMiddleware
 from app.config import Settings
 from app.engines.factory import engine_factory as default_engine_factory
-from app.engines.factory import server_health_check
+from app.engines.factory import planned_model, server_health_check
 from app.engines.gpu import GpuGate, GpuProbe, NoGpu, NvmlProbe
 from app.engines.manager import EngineFactory, ModelManager
 from app.metrics import Metrics
@@ -49,8 +49,10 @@ def create_app(
     """Build the service. ``engine_factory`` and ``gpu_probe`` replace the engine and NVML
     (tests stand in a scripted model or a GPU); by default both come from ``settings``."""
     settings = settings or Settings()
+    planned = None
     if engine_factory is None:
-        engine_factory = default_engine_factory(settings)  # torch is imported when the engine is built
+        engine_factory = default_engine_factory(settings)  # the model loads on the first task
+        planned = planned_model(settings)
     probe: GpuProbe = gpu_probe or (NoGpu() if settings.force_cpu else NvmlProbe())
     metrics = Metrics(probe)
     # vLLM reserves its share of the GPU up front (APP_VLLM_GPU_MEMORY_UTILIZATION, here or on its
@@ -63,6 +65,7 @@ def create_app(
         idle_seconds=settings.model_idle_seconds,
         metrics=metrics,
         health_check=server_health_check(settings),
+        planned=planned,
     )
     if settings.link_secret is not None:
         link_secret = settings.link_secret.get_secret_value().encode()

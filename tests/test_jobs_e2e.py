@@ -141,3 +141,11 @@ def test_finished_tasks_expire_after_the_ttl(make_server):
     assert server.app.state.tasks.expire() == 1
     assert server.client.get(f"/v1/tasks/{view['task_id']}").status_code == 404
     assert server.task_dirs() == []
+
+
+def test_readyz_says_which_model_will_run_and_why_before_it_loads(make_server):
+    server = make_server(default_engine=True)
+    model = server.client.get("/readyz").json()["model"]
+    assert model["loaded"] is False
+    assert model["name"] == "deepseek-community/DeepSeek-OCR-2"
+    assert "no CUDA device" in model["detail"]

@@ -22,6 +22,22 @@ def engine_factory(settings: Settings) -> EngineFactory:
     return lambda: _build_hf(settings)
 
 
+def planned_model(settings: Settings) -> tuple[str, str] | None:
+    """The checkpoint the ``hf`` engine will choose when ``APP_DS_MODEL_PATH`` is unset, and why.
+
+    Known before anything loads (only the device and the transformers version decide it), so
+    /readyz and the start-up log can say it at once; ``None`` when the choice is the user's.
+    """
+    if settings.backend != "hf" or settings.ds_model_path is not None:
+        return None
+    from app.engines.hf import pick_device
+    from app.engines.resolve import default_model_path
+
+    path, reason = default_model_path(cuda_available=pick_device(settings.force_cpu) == "cuda")
+    log.info("model %s will be loaded on the first task: %s", path, reason)
+    return path, reason
+
+
 def server_health_check(settings: Settings) -> HealthCheck | None:
     """For /readyz: a probe of the OCR server, when the engine talks to one (``APP_VLLM_URL``)."""
     url = settings.vllm_url

@@ -70,8 +70,10 @@ class ModelManager:
         idle_seconds: float,
         metrics: Metrics,
         health_check: HealthCheck | None = None,
+        planned: tuple[str, str] | None = None,
     ) -> None:
         self._factory = factory
+        self._planned = planned  # (model, why) shown before the first load, when known in advance
         self._health_check = health_check
         self._idle_seconds = idle_seconds
         self._metrics = metrics
@@ -88,8 +90,9 @@ class ModelManager:
 
     @property
     def state(self) -> ModelState:
-        model = self._engine.model_name if self._engine is not None else None
-        return ModelState(self._loaded, model, self._choice_reason, self._last_error)
+        planned_model, planned_reason = self._planned or (None, None)
+        model = self._engine.model_name if self._engine is not None else planned_model
+        return ModelState(self._loaded, model, self._choice_reason or planned_reason, self._last_error)
 
     async def server_health(self) -> ServerHealth | None:
         """The engine's inference server's answer, or ``None`` when the engine has no server."""
