@@ -54,6 +54,16 @@ def flash_attention_usable(device: str, use_flash_attn: bool) -> bool:
     return use_flash_attn and device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
 
 
+def load_failure(model_name: str, exc: Exception) -> ModelUnavailable:
+    """What a failed ``from_pretrained`` tells the user: the checkpoint is missing (``OSError``), or
+    it is one this transformers cannot load (wrong model type, broken config, missing dependency)."""
+    if isinstance(exc, OSError):
+        return ModelUnavailable(f"cannot load the model from {model_name}: {exc}")
+    return ModelUnavailable(
+        f"{model_name} cannot be loaded with transformers {transformers.__version__}: {exc}"
+    )
+
+
 def release_memory(device: str) -> None:
     """Collect what the caller just dropped and hand cached CUDA blocks back to the driver.
 
@@ -128,14 +138,8 @@ class HFEngine(OCREngine):
             model: Any = transformers.AutoModelForImageTextToText.from_pretrained(
                 self.model_name, dtype=self._dtype, attn_implementation=attention
             )
-        except OSError as exc:
-            raise ModelUnavailable(f"cannot load the model from {self.model_name}: {exc}") from exc
         except Exception as exc:
-            # Wrong model type, broken config, missing dependency: anything from_pretrained raises
-            # means this checkpoint cannot run here.
-            raise ModelUnavailable(
-                f"{self.model_name} cannot be loaded with transformers {transformers.__version__}: {exc}"
-            ) from exc
+            raise load_failure(self.model_name, exc) from exc
         try:
             model = model.to(self._device).eval()
         except Exception as exc:  # out of memory, or a device this torch build lacks

@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
 from app.engines.base import END_MARKER, OCREngine, PageText, RecognizeOptions, StopReason
-from app.engines.hf import IMAGE_TOKEN, flash_attention_usable, release_memory, torch_dtype
+from app.engines.hf import IMAGE_TOKEN, flash_attention_usable, load_failure, release_memory, torch_dtype
 from app.engines.resolve import OCR2_NATIVE_MODEL, V1_MAX_TRANSFORMERS
 from app.errors import EngineError, ModelUnavailable
 
@@ -86,12 +86,8 @@ class RemoteCodeEngine(OCREngine):
                 f"{self.model_name}'s remote code cannot be imported: it needs transformers < "
                 f"{V1_MAX_TRANSFORMERS} (found {transformers.__version__}): {exc}; {_ALTERNATIVES}"
             ) from exc
-        except OSError as exc:
-            raise ModelUnavailable(f"cannot load the model from {self.model_name}: {exc}") from exc
         except Exception as exc:
-            raise ModelUnavailable(
-                f"{self.model_name} cannot be loaded with transformers {transformers.__version__}: {exc}"
-            ) from exc
+            raise load_failure(self.model_name, exc) from exc
         if not callable(getattr(model, "infer", None)):
             raise ModelUnavailable(
                 f"{self.model_name}'s remote code has no infer(); it is no DeepSeek-OCR checkpoint"

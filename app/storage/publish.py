@@ -47,6 +47,16 @@ class Publisher(Protocol):
         ...
 
 
+def _published(backend: str, links: dict[str, str], expires_at: datetime) -> PublishState:
+    return PublishState(
+        status=DeliveryStatus.SUCCEEDED,
+        backend=backend,
+        links=links,
+        expires_at=expires_at,
+        finished_at=datetime.now(UTC),
+    )
+
+
 def _expiry(seconds: int) -> tuple[int, datetime]:
     expires = int(time.time()) + seconds
     return expires, datetime.fromtimestamp(expires, UTC)
@@ -68,13 +78,7 @@ class LinkPublisher:
             file.name: self._base_url + self._signer.path(record.task_id, file.name, expires)
             for file in result_files(record)
         }
-        return PublishState(
-            status=DeliveryStatus.SUCCEEDED,
-            backend=self.backend,
-            links=links,
-            expires_at=expires_at,
-            finished_at=datetime.now(UTC),
-        )
+        return _published(self.backend, links, expires_at)
 
     def close(self) -> None:
         pass
@@ -122,13 +126,7 @@ class BucketPublisher:
             links = await asyncio.to_thread(presign_all)
         except UploadError as exc:
             raise PublishFailed(f"the results were uploaded but {exc.message}") from exc
-        return PublishState(
-            status=DeliveryStatus.SUCCEEDED,
-            backend=self.backend,
-            links=links,
-            expires_at=expires_at,
-            finished_at=datetime.now(UTC),
-        )
+        return _published(self.backend, links, expires_at)
 
     async def _upload(self, record: TaskRecord, file: ResultFile) -> None:
         key = self.key(record.task_id, file.name)
