@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     metrics_enabled: bool = True
     metrics_require_auth: bool = False
     log_level: str = "info"
+    ui_enabled: bool = True  # the web console at /ui (``/`` redirects there)
 
     # --- storage and limits ---
     data_dir: Path = Path("./data")
@@ -50,6 +51,16 @@ class Settings(BaseSettings):
     queue_max: int = Field(default=100, gt=0)  # tasks waiting (not running) before submit answers 429
     max_workers: int = Field(default=1, gt=0)  # tasks processed at once
     events_ping_seconds: float = Field(default=15, gt=0)  # s, keep-alive comment on idle event streams
+
+    # --- scale-out (see README "Scaling out"): API replicas and workers sharing Redis and S3 ---
+    # all: one process accepts and processes; api: accepts, lists, streams, serves; worker: processes.
+    role: Literal["all", "api", "worker"] = "all"
+    queue_backend: Literal["memory", "redis"] = "memory"  # redis: records, queue and events in Redis
+    redis_url: str | None = None  # e.g. redis://redis:6379/0; needed by APP_QUEUE_BACKEND=redis
+    storage_backend: Literal["local", "s3"] = "local"  # s3: inputs, previews, results in APP_S3_BUCKET
+    # s, a running task whose worker stops renewing its lease this long is delivered to another worker.
+    visibility_timeout_seconds: float = Field(default=120, gt=0)
+    s3_redirect_downloads: bool = False  # s3 storage: downloads answer 307 to a presigned URL
 
     # --- model and engine ---
     backend: Literal["hf", "vllm"] = "hf"  # vllm: see the "vLLM" block below
@@ -153,6 +164,7 @@ class Settings(BaseSettings):
         "webhook_secret",
         "link_secret",
         "link_base_url",
+        "redis_url",
         mode="before",
     )
     @classmethod
@@ -187,9 +199,33 @@ class Settings(BaseSettings):
                 f"APP_PUBLISH_BACKEND={self.publish_backend} needs {', '.join(missing)}; set them or "
                 "use APP_PUBLISH_BACKEND=local"
             )
+        self._check_scale_out()
         if self.link_expire_seconds > self.link_max_expire_seconds:
             raise ValueError("APP_LINK_EXPIRE_SECONDS is above APP_LINK_MAX_EXPIRE_SECONDS")
         return self
+
+    def _check_scale_out(self) -> None:
+        """Refuse combinations that cannot work: processes on several machines share Redis and S3."""
+        scaled = self.queue_backend == "redis"
+        if scaled and self.redis_url is None:
+            raise ValueError("APP_QUEUE_BACKEND=redis needs APP_REDIS_URL")
+        if scaled != (self.storage_backend == "s3"):
+            raise ValueError(
+                "APP_QUEUE_BACKEND=redis and APP_STORAGE_BACKEND=s3 go together: processes on several "
+                "machines need both the shared queue and the shared bucket; set both, or neither"
+            )
+        if self.role != "all" and not scaled:
+            raise ValueError(
+                f"APP_ROLE={self.role} needs APP_QUEUE_BACKEND=redis and APP_STORAGE_BACKEND=s3: a single "
+                "process with the in-memory queue must be APP_ROLE=all"
+            )
+        if self.storage_backend == "s3":
+            if self.s3_bucket is None:
+                raise ValueError("APP_STORAGE_BACKEND=s3 needs APP_S3_BUCKET")
+            if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+                raise ValueError(
+                    "APP_S3_ACCESS_KEY_ID and APP_S3_SECRET_ACCESS_KEY are set together or not at all"
+                )
 
     @property
     def max_upload_bytes(self) -> int:

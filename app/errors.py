@@ -201,6 +201,20 @@ class StorageError(ServerError):
     code = "storage_error"
 
 
+class BackendUnavailable(ServiceUnavailable):
+    """Redis or the bucket of the scale-out mode cannot be reached (after the client's own retries)."""
+
+    code = "backend_unavailable"
+
+
+class LeaseLost(ServerError):
+    """A write by a worker whose lease on the task has passed to another (a stall past the
+    visibility timeout), or by a caller that read the record before a worker took it."""
+
+    status_code = 409
+    code = "lease_lost"
+
+
 class PageFailed(ServerError):
     """Raised when one page of a task cannot be processed; the message names the page."""
 

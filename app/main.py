@@ -15,6 +15,8 @@ from app import __version__
 from app.api import links, system, tasks
 from app.api.errors import install_error_handlers
 from app.api.http_metrics import HttpMetricsMiddleware
+from app.api.ui import install_console
+from app.backends import build_backends
 from app.config import Settings
 from app.engines.factory import engine_factory as default_engine_factory
 from app.engines.factory import planned_model, server_health_check
@@ -23,20 +25,18 @@ from app.engines.manager import EngineFactory, ModelManager
 from app.metrics import Metrics
 from app.pipeline.run import PagePipeline
 from app.storage.links import LinkSigner
-from app.storage.local import LocalStore
 from app.storage.publish import publisher_from_settings
 from app.storage.webhooks import WebhookSender
 from app.tasks.downloads import Downloads
-from app.tasks.events import MemoryEventHub
 from app.tasks.followups import FollowUps
 from app.tasks.options import EngineDefaults
-from app.tasks.queue import MemoryQueue
 from app.tasks.service import Limits, TaskService
 from app.tasks.worker import WorkerConfig, WorkerPool
 
 log = logging.getLogger(__name__)
 
 JANITOR_INTERVAL_SECONDS = 600
+QUEUE_SAMPLE_SECONDS = 5  # how often the queue gauges are read again (a shared queue changes elsewhere)
 SHUTDOWN_GRACE_SECONDS = 20  # time a running task gets to reach a page boundary on shutdown
 
 
@@ -54,12 +54,14 @@ def create_app(
         engine_factory = default_engine_factory(settings)  # the model loads on the first task
         planned = planned_model(settings)
     probe: GpuProbe = gpu_probe or (NoGpu() if settings.force_cpu else NvmlProbe())
-    metrics = Metrics(probe)
+    metrics = Metrics(probe, role=settings.role)
+    serves_api = settings.role in ("all", "api")
+    runs_workers = settings.role in ("all", "worker")
     # vLLM reserves its share of the GPU up front (APP_VLLM_GPU_MEMORY_UTILIZATION, here or on its
     # server) and schedules within it: gating tasks on what it left free would stop them all.
     gate_free_mb = settings.gpu_min_free_mb if settings.backend == "hf" else 0
-    store = LocalStore(settings.data_dir)
-    queue = MemoryQueue(settings.queue_max)
+    backends = build_backends(settings, metrics)
+    store = backends.store
     models = ModelManager(
         engine_factory,
         idle_seconds=settings.model_idle_seconds,
@@ -99,9 +101,9 @@ def create_app(
     )
     service = TaskService(
         store=store,
-        queue=queue,
+        queue=backends.queue,
         metrics=metrics,
-        events=MemoryEventHub(),
+        events=backends.events,
         followups=followups,
         limits=Limits(
             max_pages=settings.max_pages,
@@ -129,28 +131,42 @@ def create_app(
                 max_new_tokens=settings.ds_max_new_tokens,
                 timeout_seconds=settings.page_timeout_seconds,
             ),
+            visibility_seconds=settings.visibility_timeout_seconds,
         ),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(service.recover)
-        pool.start()
-        for task_id in await asyncio.to_thread(followups.unfinished):
-            followups.launch(task_id)  # publishes and webhooks a stopped process left unfinished
+        await backends.start()
+        await service.recover()
+        if runs_workers:
+            pool.start()
+        if not backends.queue.durable:
+            # Publishes and webhooks a stopped process left unfinished. (With a shared store a task's
+            # follow-ups run on the worker that ended it; one cut short by its worker's end is not
+            # resumed: see README "Scaling out".)
+            for task_id in await asyncio.to_thread(followups.unfinished):
+                followups.launch(task_id)
         background = [
-            asyncio.create_task(models.run_idle_reaper(), name="dsocr-model-reaper"),
-            asyncio.create_task(service.run_janitor(JANITOR_INTERVAL_SECONDS), name="dsocr-janitor"),
+            asyncio.create_task(service.run_queue_monitor(QUEUE_SAMPLE_SECONDS), name="dsocr-queue-monitor")
         ]
+        if runs_workers:
+            background.append(asyncio.create_task(models.run_idle_reaper(), name="dsocr-model-reaper"))
+        if serves_api:
+            background.append(
+                asyncio.create_task(service.run_janitor(JANITOR_INTERVAL_SECONDS), name="dsocr-janitor")
+            )
         try:
             yield
         finally:
-            await pool.stop(SHUTDOWN_GRACE_SECONDS)
+            if runs_workers:
+                await pool.stop(SHUTDOWN_GRACE_SECONDS)
             await followups.stop()  # after the pool: a task ending during its grace still plans its own
             for job in background:
                 job.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await models.unload()
+            await backends.close()
 
     app = FastAPI(
         title="dsocr-server",
@@ -161,19 +177,24 @@ def create_app(
     app.state.settings = settings
     app.state.tasks = service
     app.state.models = models
-    app.state.pool = pool
+    app.state.pool = pool if runs_workers else None
     app.state.followups = followups
     app.state.downloads = downloads
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.include_router(system.router)  # every role answers /healthz, /readyz and /metrics
+    if not serves_api:
+        return app  # a worker: it takes tasks from the shared queue and serves nothing else
     app.include_router(tasks.router)
     app.include_router(tasks.convert_router)
     app.include_router(links.router)  # share links: no API key, the signature is the credential
-    app.include_router(system.router)
+
+    if settings.ui_enabled:
+        install_console(app)  # the web console at /ui/, and the route it renders result pages with
 
     @app.get("/", include_in_schema=False)
     async def read_root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+        return RedirectResponse("/ui/" if settings.ui_enabled else "/docs")
 
     return app

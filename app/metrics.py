@@ -41,9 +41,11 @@ class _GpuCollector(Collector):
 class Metrics:
     """The service's metrics; components receive this object and update what they own."""
 
-    def __init__(self, gpu_probe: GpuProbe) -> None:
+    def __init__(self, gpu_probe: GpuProbe, *, role: str = "all") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The queue and worker metrics carry the process's APP_ROLE: with a shared queue every API
+        # replica and worker reports the same depth, and a dashboard picks one role (or takes max).
         self.tasks_submitted = Counter("dsocr_tasks_submitted", "Tasks accepted (202)", registry=r)
         self.tasks_finished = Counter(
             "dsocr_tasks_finished", "Tasks that ended, by final status", ["status"], registry=r
@@ -64,9 +66,31 @@ class Metrics:
         self.pages_processed = Counter(
             "dsocr_pages_processed", "Pages recognised, by how they ended", ["outcome"], registry=r
         )
-        self.queue_depth = Gauge("dsocr_queue_depth", "Tasks waiting in the queue", registry=r)
+        self.queue_depth = Gauge(
+            "dsocr_queue_depth", "Tasks waiting in the queue", ["role"], registry=r
+        ).labels(role)
+        self.queue_oldest_age = Gauge(
+            "dsocr_queue_oldest_age_seconds",
+            "How long the longest-waiting task has waited",
+            ["role"],
+            registry=r,
+        ).labels(role)
         self.tasks_running = Gauge("dsocr_tasks_running", "Tasks being processed now", registry=r)
-        self.workers_alive = Gauge("dsocr_workers_alive", "Worker loops running", registry=r)
+        self.workers_alive = Gauge(
+            "dsocr_workers_alive", "Worker loops running", ["role"], registry=r
+        ).labels(role)
+        self.redeliveries = Counter(
+            "dsocr_redeliveries",
+            "Tasks delivered again because their worker went silent past the visibility timeout",
+            ["role"],
+            registry=r,
+        ).labels(role)
+        self.lease_expiries = Counter(
+            "dsocr_lease_expiries",
+            "Tasks this worker let go because another worker took them over (it stalled)",
+            ["role"],
+            registry=r,
+        ).labels(role)
         self.model_loaded = Gauge("dsocr_model_loaded", "1 when the model is in memory", registry=r)
         self.model_load_seconds = Histogram(
             "dsocr_model_load_seconds",

@@ -205,6 +205,19 @@ def serve(
     main()
 
 
+@cli.command()
+def worker(
+    port: Annotated[
+        int | None, typer.Option(help="Port for /healthz, /readyz and /metrics (APP_PORT). (default: 8000)")
+    ] = None,
+) -> None:
+    """Run a worker of a scaled-out deployment: it takes tasks from the shared Redis queue and
+    writes results to the bucket (APP_ROLE=worker; APP_QUEUE_BACKEND=redis and APP_STORAGE_BACKEND=s3
+    with their settings are needed, see the README "Scaling out")."""
+    os.environ["APP_ROLE"] = "worker"
+    serve(host=None, port=port)
+
+
 def _print_task(client_call: str, url: str | None, api_key: str | None, task_id: str) -> None:
     with Client(url, api_key) as client:
         try:

@@ -179,3 +179,26 @@ def static_server() -> Iterator[StaticFiles]:
     server = StaticFiles()
     yield server
     server.close()
+
+
+# --- the scale-out backends: a real redis-server and moto's S3 server on loopback -------------
+
+from tests.scale_cluster import REDIS_SERVER, RedisServer, S3Server  # noqa: E402
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Debian's ``redis-server`` with its append-only file on; skips the test where it is missing."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3() -> Iterator[S3Server]:
+    """moto's S3 server in a thread, with one bucket."""
+    server = S3Server()
+    yield server
+    server.close()

@@ -105,6 +105,23 @@ def test_pdf_converts_to_markdown_layout_and_figures(make_server):
     assert abs(figure.height - 600) <= 6
     assert figure.convert("RGB").getpixel((figure.width // 2, figure.height // 2)) == (200, 30, 30)
 
+    # The rendered pages, as the console shows them under their boxes.
+    for page in layout["pages"]:
+        preview = client.get(f"/v1/tasks/{view['task_id']}/pages/{page['page']}")
+        assert preview.status_code == 200
+        assert preview.headers["content-type"] == "image/webp"
+        shown = Image.open(io.BytesIO(preview.content))
+        assert shown.format == "WEBP"
+        assert max(shown.size) <= 1600
+        assert abs(shown.width / shown.height - page["width"] / page["height"]) < 0.01
+    scale = shown.width / picture_page["width"]
+    red = shown.convert("RGB").getpixel((int(500 * scale), int(700 * scale)))  # the figure's centre
+    assert red[0] > 150
+    assert red[1] < 80
+    missing = client.get(f"/v1/tasks/{view['task_id']}/pages/4")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "result_not_found"
+
 
 def test_images_and_page_selection(make_server):
     server = make_server(answers=[PAGE_1])
@@ -238,7 +255,7 @@ def test_metrics_count_tasks_by_route_template(make_server):
     assert re.search(
         r'dsocr_http_requests_total\{method="GET",route="/v1/tasks/\{task_id\}",status="200"\}', text
     )
-    assert "dsocr_queue_depth 0.0" in text
+    assert 'dsocr_queue_depth{role="all"} 0.0' in text
     assert "dsocr_tasks_running 0.0" in text
     assert view["task_id"] not in text
 

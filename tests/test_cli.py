@@ -78,10 +78,17 @@ def test_usage_errors_exit_2_and_every_help_is_complete(tmp_path):
     assert missing.returncode == 2
     assert "no documents found" in missing.stderr
     assert dsocr("convert", "--jobs", "0", ".", url="http://127.0.0.1:9", cwd=tmp_path).returncode == 2
-    for command in ("convert", "serve", "status", "cancel", "mcp"):
+    for command in ("convert", "serve", "worker", "status", "cancel", "mcp"):
         shown = dsocr(command, "--help", url="http://127.0.0.1:9", cwd=tmp_path)
         assert shown.returncode == 0
         assert "Usage:" in shown.stdout
+
+
+def test_a_worker_without_the_shared_queue_says_what_to_set(tmp_path):
+    worker = dsocr("worker", "--port", "9", url="http://127.0.0.1:9", cwd=tmp_path, timeout=60)
+    assert worker.returncode == 1
+    assert "APP_ROLE=worker needs APP_QUEUE_BACKEND=redis and APP_STORAGE_BACKEND=s3" in worker.stderr
+    assert "Traceback" not in worker.stderr
 
 
 def test_status_and_cancel_print_the_task(make_server, tmp_path, standin_gpu):

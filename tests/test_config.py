@@ -38,3 +38,40 @@ def test_blank_optional_numbers_mean_unset(monkeypatch):
     settings = Settings()
     assert settings.vllm_max_model_len is None
     assert settings.vllm_url is None
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        (
+            {"APP_QUEUE_BACKEND": "redis", "APP_STORAGE_BACKEND": "s3", "APP_S3_BUCKET": "b"},
+            "needs APP_REDIS_URL",
+        ),
+        ({"APP_QUEUE_BACKEND": "redis", "APP_REDIS_URL": "redis://r:6379/0"}, "go together"),
+        ({"APP_STORAGE_BACKEND": "s3", "APP_S3_BUCKET": "b"}, "go together"),
+        ({"APP_ROLE": "worker"}, "APP_ROLE=worker needs APP_QUEUE_BACKEND=redis"),
+        (
+            {"APP_QUEUE_BACKEND": "redis", "APP_REDIS_URL": "redis://r:6379/0", "APP_STORAGE_BACKEND": "s3"},
+            "needs APP_S3_BUCKET",
+        ),
+    ],
+)
+def test_scale_out_settings_that_cannot_work_are_refused_naming_what_to_set(
+    monkeypatch, environment, message
+):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_a_worker_with_redis_and_a_bucket_is_accepted(monkeypatch):
+    for name, value in {
+        "APP_ROLE": "worker",
+        "APP_QUEUE_BACKEND": "redis",
+        "APP_REDIS_URL": "redis://r:6379/0",
+        "APP_STORAGE_BACKEND": "s3",
+        "APP_S3_BUCKET": "dsocr",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().role == "worker"

@@ -14,19 +14,23 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 import helm_python
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from fastapi.routing import APIRoute
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import SecretStr
 
+from app.api.tasks import CONVERT_MAX_WAIT_SECONDS
+from app.api.tasks import router as tasks_router
 from app.config import Settings
 from tests.servers import REPO, free_port
 
@@ -37,6 +41,8 @@ COMPOSE_COMBINATIONS = {
     "vllm": ("docker-compose.vllm.yml",),
     "vllm+monitoring": ("docker-compose.vllm.yml", "docker-compose.monitoring.yml"),
 }
+SCALE_COMPOSE = "docker-compose.scale.yml"
+NGINX_CONFIG = REPO / "deploy" / "compose" / "nginx.conf"
 CHART = REPO / "deploy" / "helm" / "dsocr"
 WORKFLOW = REPO / ".github" / "workflows" / "docker.yml"
 PROMETHEUS_CONFIG = REPO / "monitoring" / "prometheus.yml"
@@ -255,6 +261,168 @@ def check_monitoring_wiring(services: dict[str, Any], port: int) -> None:
     assert [p["target"] for p in grafana["ports"]] == [3000]
 
 
+def settings_from_environment(
+    environment: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Settings:
+    """The Settings a process started with ``environment`` (and nothing else) reads; its validators run."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name in [name for name in os.environ if name.startswith("APP_")]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def test_scale_compose_refuses_to_start_without_its_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MINIO_ROOT_PASSWORD", raising=False)
+    empty = tmp_path / "empty.env"  # instead of a developer's .env, which may set it
+    empty.write_text("")
+    result = subprocess.run(
+        [tool("docker-compose"), "--env-file", str(empty), "-f", SCALE_COMPOSE, "config", "-q"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "MINIO_ROOT_PASSWORD" in result.stderr
+
+
+def test_scale_compose_wires_api_replicas_workers_redis_and_s3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINIO_ROOT_PASSWORD", "compose-test-password")
+    run("docker-compose", "-f", SCALE_COMPOSE, "config", "-q")
+    services = compose_config((SCALE_COMPOSE,))["services"]
+    for name, service in services.items():
+        for dependency, how in service.get("depends_on", {}).items():
+            assert dependency in services, f"{name} depends on {dependency}, which is no service"
+            if how["condition"] == "service_healthy":
+                assert services[dependency].get("healthcheck", {}).get("test"), (
+                    f"{dependency}: no healthcheck"
+                )
+            elif how["condition"] == "service_completed_successfully":
+                assert services[dependency].get("restart", "no") == "no", f"{dependency} is a one-shot job"
+    long_running = {name for name, service in services.items() if service.get("restart") != "no"}
+    assert all(services[name].get("healthcheck", {}).get("test") for name in long_running)
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"lb"}, "only the load balancer is reached from outside"
+
+    api, worker = services["api"], services["worker"]
+    assert api["environment"]["APP_ROLE"] == "api"
+    assert worker["environment"]["APP_ROLE"] == "worker"
+    assert api["deploy"]["replicas"] >= 2
+    assert worker["deploy"]["replicas"] >= 1
+    bucket = api["environment"]["APP_S3_BUCKET"]
+    for service in (api, worker):
+        environment = service["environment"]
+        settings = settings_from_environment(environment, monkeypatch, tmp_path)  # validators accept it
+        assert (settings.queue_backend, settings.storage_backend) == ("redis", "s3")
+        assert settings.s3_bucket == bucket
+        assert urlsplit(settings.redis_url).hostname == "redis"
+        assert urlsplit(settings.s3_endpoint_url).hostname == "minio"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert service["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes"  # queued tasks survive a restart
+    assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
+    major = re.match(r"redis:(\d+)", redis["image"])
+    assert major is not None
+    assert int(major.group(1)) >= 7  # consumer-group lag (XINFO GROUPS), KEDA's lag trigger
+
+    minio, bucket_job = services["minio"], services["minio-bucket"]
+    assert minio["environment"]["MINIO_ROOT_USER"] == api["environment"]["APP_S3_ACCESS_KEY_ID"]
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"] == api["environment"]["APP_S3_SECRET_ACCESS_KEY"]
+    assert any(v["type"] == "volume" and v["target"] == "/data" for v in minio["volumes"])
+    assert bucket_job["environment"]["S3_BUCKET"] == bucket
+    assert "mc mb --ignore-existing" in " ".join(bucket_job["command"])
+    assert bucket_job["depends_on"]["minio"]["condition"] == "service_healthy"
+
+    vllm = services["vllm"]
+    assert set(VLLM_RECOMMENDED_FLAGS) <= set(vllm["command"])
+    assert worker["environment"]["APP_BACKEND"] == "vllm"
+    assert worker["environment"]["APP_VLLM_URL"] == "http://vllm:8000"
+    assert worker["environment"]["APP_VLLM_MODEL"] == vllm["command"][0] == "deepseek-ai/DeepSeek-OCR"
+    assert worker["depends_on"]["vllm"]["condition"] == "service_healthy"
+    max_num_seqs = int(vllm["command"][vllm["command"].index("--max-num-seqs") + 1])
+    # The workers together fill the server's batch, as one service does in docker-compose.vllm.yml.
+    assert worker["deploy"]["replicas"] * int(worker["environment"]["APP_VLLM_CONCURRENCY"]) == max_num_seqs
+    with_gpu = {
+        name for name, s in services.items() if s.get("deploy", {}).get("resources", {}).get("reservations")
+    }
+    assert with_gpu == {"vllm"}
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+    check_load_balancer(services["lb"], port=int(api["environment"]["APP_PORT"]))
+
+
+def nginx_directives(text: str) -> list[tuple[str, list[str], list[Any]]]:
+    """An nginx configuration as nested (name, arguments, block) tuples: enough to check its wiring."""
+    tokens = re.findall(r"\"[^\"]*\"|'[^']*'|[{};]|[^\s{};\"']+", re.sub(r"#[^\n]*", "", text))
+
+    def block(position: int) -> tuple[list[tuple[str, list[str], list[Any]]], int]:
+        directives: list[tuple[str, list[str], list[Any]]] = []
+        words: list[str] = []
+        while position < len(tokens):
+            token, position = tokens[position], position + 1
+            if token == ";":
+                directives.append((words[0], words[1:], []))
+                words = []
+            elif token == "{":
+                children, position = block(position)
+                directives.append((words[0], words[1:], children))
+                words = []
+            elif token == "}":
+                return directives, position
+            else:
+                words.append(token.strip("\"'"))
+        assert not words, "unterminated directive"
+        return directives, position
+
+    return block(0)[0]
+
+
+def nginx_size(value: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    return int(value[:-1]) * units[value[-1].lower()] if value[-1].isalpha() else int(value)
+
+
+def check_load_balancer(lb: dict[str, Any], port: int) -> None:
+    """nginx reaches every API replica, streams events unbuffered and takes the largest upload."""
+    (mount,) = [m for m in lb["volumes"] if m["type"] == "bind"]
+    assert Path(mount["source"]) == NGINX_CONFIG
+    assert mount["target"] == "/etc/nginx/conf.d/default.conf"
+    config = nginx_directives(NGINX_CONFIG.read_text())
+    upstreams = {args[0]: block for name, args, block in config if name == "upstream"}
+    (server,) = [block for name, _, block in config if name == "server"]
+    ((upstream_name, upstream),) = upstreams.items()
+    assert [args[0] for name, args, _ in upstream if name == "server"] == [f"api:{port}"]
+    assert [args for name, args, _ in server if name == "listen"] == [[str(lb["ports"][0]["target"])]]
+    directives = {name: args for name, args, _ in server if name != "location"}
+    default_upload_mb = Settings.model_fields["max_upload_mb"].default
+    assert nginx_size(directives["client_max_body_size"][0]) > default_upload_mb * 1024 * 1024
+    assert int(directives["proxy_read_timeout"][0].rstrip("s")) > CONVERT_MAX_WAIT_SECONDS
+    locations = {tuple(args): block for name, args, block in server if name == "location"}
+    for block in locations.values():
+        assert ("proxy_pass", [f"http://{upstream_name}"], []) in block
+    (events_path,) = [
+        r.path for r in tasks_router.routes if isinstance(r, APIRoute) and r.path.endswith("/events")
+    ]
+    streaming = [
+        block
+        for args, block in locations.items()
+        if args[0] == "~" and re.search(args[1], events_path.replace("{task_id}", "3f2a9c"))
+    ]
+    assert len(streaming) == 1, f"no location for {events_path}"
+    assert ("proxy_buffering", ["off"], []) in streaming[0]
+
+
 # --- settings, documented everywhere ---------------------------------------------------------------
 
 
@@ -279,7 +447,13 @@ def test_env_example_and_chart_cover_every_setting() -> None:
         {v["name"] for v in container(render({"auth": {"apiKeys": ["sk_a"]}}))["env"]} - plain - secret
     )
     assert from_chart == {"APP_HOST", "APP_PORT", "APP_DATA_DIR", "APP_API_KEYS"}
-    assert plain | secret | from_chart == SETTINGS, sorted((plain | secret | from_chart) ^ SETTINGS)
+    # Scale-out: the chart also sets each pod's role and the shared queue and storage.
+    scaled = {"APP_ROLE", "APP_QUEUE_BACKEND", "APP_STORAGE_BACKEND", "APP_REDIS_URL"}
+    for deployment in deployments(render_documents(SCALE_OUT_VARIANTS["scale-out"])).values():
+        (main,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert {v["name"] for v in main["env"]} - plain - secret == from_chart | scaled
+    documented = plain | secret | from_chart | scaled
+    assert documented == SETTINGS, sorted(documented ^ SETTINGS)
     assert not plain & SECRET_SETTINGS, "secrets belong in secretSettings, read from a Secret"
 
 
@@ -324,6 +498,7 @@ def test_documented_defaults_are_the_services_defaults(
 # --- Helm chart ----------------------------------------------------------------------------------
 
 RELEASE = "ocr"
+FULLNAME = f"{RELEASE}-dsocr"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 CHART_VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -342,19 +517,84 @@ CHART_VARIANTS: dict[str, dict[str, Any]] = {
     "existing-claim": {"persistence": {"existingClaim": "dsocr-data"}},
     "no-persistence": {"persistence": {"enabled": False}},
 }
+# Scale-out: API replicas and workers sharing Redis and an S3 bucket (the secret key from a Secret).
+SCALE_OUT: dict[str, Any] = {
+    "scaleOut": {"enabled": True},
+    "settings": {
+        "s3Bucket": "ocr",
+        "s3EndpointUrl": "http://minio.storage:9000",
+        "s3AddressingStyle": "path",
+        "s3AccessKeyId": "dsocr",
+        "backend": "vllm",
+        "vllmUrl": "http://vllm.inference:8000",
+    },
+    "secretSettings": {"s3SecretAccessKey": {"name": "dsocr-s3", "key": "secret-key"}},
+}
+SCALE_OUT_VARIANTS: dict[str, dict[str, Any]] = {
+    "scale-out": {
+        **SCALE_OUT,
+        "redis": {"url": "redis://dsocr-redis-master:6379/0"},
+        "auth": {"apiKeys": ["sk_a"]},
+        "api": {"replicas": 3, "image": {"tag": "cpu"}},
+        "worker": {"replicas": 2},
+        "image": {"tag": "gpu"},
+        "gpu": 1,
+        "runtimeClassName": "nvidia",
+        "tolerations": [GPU_TOLERATION],
+        **CHART_VARIANTS["ingress"],
+        **CHART_VARIANTS["service-monitor"],
+    },
+    "scale-out-keda": {
+        **SCALE_OUT,
+        "redis": {"existingSecret": "dsocr-redis", "secretKey": "url"},
+        "worker": {
+            "autoscaling": {
+                "minReplicas": 0,
+                "maxReplicas": 8,
+                "keda": {
+                    "enabled": True,
+                    "redisAddress": "dsocr-redis-master:6379",
+                    "authenticationRef": "dsocr-redis",
+                },
+            }
+        },
+    },
+    "scale-out-keda-url": {
+        **SCALE_OUT,
+        "redis": {"url": "rediss://redis.example.com:6380/2"},
+        "worker": {"autoscaling": {"keda": {"enabled": True, "lagCount": 10}}},
+    },
+    "scale-out-hpa": {
+        **SCALE_OUT,
+        "redis": {"url": "redis://dsocr-redis-master:6379/0"},
+        "worker": {
+            "autoscaling": {
+                "minReplicas": 2,
+                "maxReplicas": 6,
+                "hpa": {"enabled": True, "metricSelector": {"service": FULLNAME}},
+            }
+        },
+        **CHART_VARIANTS["service-monitor"],
+    },
+}
 # The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion) and the newest schemas there are.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
 
-def render(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The chart's manifests for ``values``, by kind (one of each here)."""
+def render_documents(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's manifests for ``values``."""
     with helm_python.Chart.load(CHART) as chart:
         manifests = chart.render(values=values, name=RELEASE, namespace="dsocr")
-    documents = [
-        d for path, text in manifests.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text)
+    return [
+        d for path, text in manifests.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d
     ]
-    by_kind = {document["kind"]: document for document in documents if document}
-    assert len(by_kind) == len([d for d in documents if d]), "two manifests of one kind"
+
+
+def render(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The chart's manifests for ``values``, by kind (one of each without scale-out)."""
+    documents = render_documents(values)
+    by_kind = {document["kind"]: document for document in documents}
+    assert len(by_kind) == len(documents), "two manifests of one kind"
     return by_kind
 
 
@@ -373,10 +613,7 @@ def test_chart_renders_valid_manifests(variant: str) -> None:
     values = CHART_VARIANTS[variant]
     assert lint_findings(values) == []
     manifests = render(values)
-    for manifest in manifests.values():
-        if manifest["kind"] != "ServiceMonitor":  # a CRD: no schema here, checked against the Service below
-            for version in KUBERNETES_VERSIONS:
-                kubernetes_validate.validate(manifest, version, strict=True)
+    validate_manifests(manifests.values())
 
     pod = manifests["Deployment"]["spec"]["template"]["spec"]
     main = container(manifests)
@@ -411,6 +648,14 @@ def test_chart_renders_valid_manifests(variant: str) -> None:
         assert endpoint["path"] == "/metrics"
 
 
+def validate_manifests(manifests: Iterable[dict[str, Any]]) -> None:
+    for manifest in manifests:
+        # CRDs have no schema here: their fields are checked against what they point at, below.
+        if manifest["kind"] not in {"ServiceMonitor", "ScaledObject"}:
+            for version in KUBERNETES_VERSIONS:
+                kubernetes_validate.validate(manifest, version, strict=True)
+
+
 def check_data_volume(values: dict[str, Any], manifests: dict[str, Any], pod: dict[str, Any]) -> None:
     (mount,) = container(manifests)["volumeMounts"]
     assert mount["mountPath"] == "/data"
@@ -443,6 +688,198 @@ def check_api_keys(values: dict[str, Any], manifests: dict[str, Any], main: dict
         assert keys == []
 
 
+def deployments(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
+
+
+def pod_environment(pod: dict[str, Any]) -> dict[str, str]:
+    """The pod's APP_* variables, a stand-in for each one read from a Secret."""
+    (main,) = pod["containers"]
+    return {v["name"]: v.get("value", "from-a-secret") for v in main["env"]}
+
+
+@pytest.mark.parametrize("variant", SCALE_OUT_VARIANTS)
+def test_scale_out_renders_api_and_worker_deployments(
+    variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = SCALE_OUT_VARIANTS[variant]
+    assert lint_findings(values) == []
+    documents = render_documents(values)
+    validate_manifests(documents)
+    named = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    assert len(named) == len(documents)
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in documents}  # the state is in Redis and S3
+
+    assert set(deployments(documents)) == {f"{FULLNAME}-api", f"{FULLNAME}-worker"}
+    api, worker = named["Deployment", f"{FULLNAME}-api"], named["Deployment", f"{FULLNAME}-worker"]
+    api_pod, worker_pod = api["spec"]["template"], worker["spec"]["template"]
+    for deployment, role in ((api, "api"), (worker, "worker")):
+        pod = deployment["spec"]["template"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        (main,) = pod["spec"]["containers"]
+        assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        (volume,) = pod["spec"]["volumes"]
+        assert volume == {"name": "data", "emptyDir": {}}
+        settings = settings_from_environment(pod_environment(pod["spec"]), monkeypatch, tmp_path)
+        assert settings.role == role
+        assert (settings.queue_backend, settings.storage_backend) == ("redis", "s3")
+        assert settings.s3_bucket == values["settings"]["s3Bucket"]
+        redis_url = next(v for v in main["env"] if v["name"] == "APP_REDIS_URL")
+        if values["redis"].get("existingSecret"):
+            assert redis_url["valueFrom"]["secretKeyRef"] == {
+                "name": values["redis"]["existingSecret"],
+                "key": values["redis"]["secretKey"],
+            }
+        else:
+            assert redis_url["value"] == values["redis"]["url"]
+    # Each Deployment selects its own pods only.
+    assert not api["spec"]["selector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
+    assert not worker["spec"]["selector"]["matchLabels"].items() <= api_pod["metadata"]["labels"].items()
+
+    autoscaling = values.get("worker", {}).get("autoscaling", {})
+    autoscaled = autoscaling.get("keda", {}).get("enabled") or autoscaling.get("hpa", {}).get("enabled")
+    assert api["spec"]["replicas"] == values.get("api", {}).get("replicas", 2)
+    if autoscaled:
+        assert "replicas" not in worker["spec"]  # the autoscaler owns it; an upgrade must not reset it
+    else:
+        assert worker["spec"]["replicas"] == values.get("worker", {}).get("replicas", 1)
+
+    # The GPU, its runtime class and tolerations go to the workers only.
+    (api_main,), (worker_main,) = api_pod["spec"]["containers"], worker_pod["spec"]["containers"]
+    assert "nvidia.com/gpu" not in api_main["resources"].get("limits", {})
+    assert worker_main["resources"]["limits"].get("nvidia.com/gpu") == values.get("gpu")
+    assert "runtimeClassName" not in api_pod["spec"]
+    assert worker_pod["spec"].get("runtimeClassName") == values.get("runtimeClassName")
+    assert "tolerations" not in api_pod["spec"]
+    assert worker_pod["spec"].get("tolerations") == values.get("tolerations")
+    image = values.get("image", {}).get("tag", "cpu")
+    assert worker_main["image"].endswith(f":{image}")
+    assert api_main["image"].endswith(f":{values.get('api', {}).get('image', {}).get('tag') or image}")
+
+    check_scale_out_services(values, named, api_pod, worker_pod)
+    check_autoscaler(values, named, worker)
+
+
+def check_scale_out_services(
+    values: dict[str, Any],
+    named: dict[tuple[str, str], dict[str, Any]],
+    api_pod: dict[str, Any],
+    worker_pod: dict[str, Any],
+) -> None:
+    """Clients reach the API replicas only; the ServiceMonitor scrapes the API replicas and the workers."""
+    service, workers = named["Service", FULLNAME], named["Service", f"{FULLNAME}-worker"]
+    assert service["spec"]["selector"].items() <= api_pod["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= worker_pod["metadata"]["labels"].items()
+    assert workers["spec"]["selector"].items() <= worker_pod["metadata"]["labels"].items()
+    assert not workers["spec"]["selector"].items() <= api_pod["metadata"]["labels"].items()
+    assert workers["spec"]["clusterIP"] == "None"  # it lists the workers for scraping, takes no traffic
+    for target, pod in ((service, api_pod), (workers, worker_pod)):
+        (main,) = pod["spec"]["containers"]
+        assert {p["targetPort"] for p in target["spec"]["ports"]} <= {p["name"] for p in main["ports"]}
+    if values.get("ingress", {}).get("enabled"):
+        (ingress,) = [d for (kind, _), d in named.items() if kind == "Ingress"]
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+    monitors = [d for (kind, _), d in named.items() if kind == "ServiceMonitor"]
+    assert len(monitors) == int(bool(values.get("serviceMonitor", {}).get("enabled")))
+    for monitor in monitors:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        for target in (service, workers):
+            assert monitor["spec"]["selector"]["matchLabels"].items() <= target["metadata"]["labels"].items()
+            assert endpoint["port"] in {p["name"] for p in target["spec"]["ports"]}
+
+
+def check_autoscaler(
+    values: dict[str, Any], named: dict[tuple[str, str], dict[str, Any]], worker: dict[str, Any]
+) -> None:
+    """A KEDA ScaledObject or an HPA, when asked for, sizes the worker Deployment and nothing else."""
+    autoscaling = values.get("worker", {}).get("autoscaling", {})
+    keda, hpa = autoscaling.get("keda", {}), autoscaling.get("hpa", {})
+    scaled_objects = [d for (kind, _), d in named.items() if kind == "ScaledObject"]
+    autoscalers = [d for (kind, _), d in named.items() if kind == "HorizontalPodAutoscaler"]
+    assert len(scaled_objects) == int(bool(keda.get("enabled")))
+    assert len(autoscalers) == int(bool(hpa.get("enabled")))
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker["metadata"]["name"]}
+    for scaled_object in scaled_objects:
+        assert scaled_object["apiVersion"] == "keda.sh/v1alpha1"
+        spec = scaled_object["spec"]
+        assert spec["scaleTargetRef"] == target
+        assert spec["minReplicaCount"] == autoscaling.get("minReplicas", 1)
+        assert spec["maxReplicaCount"] == autoscaling.get("maxReplicas", 4)
+        lag, pending = spec["triggers"]
+        for trigger in (lag, pending):
+            assert trigger["type"] == "redis-streams"
+            metadata = trigger["metadata"]
+            assert (metadata["stream"], metadata["consumerGroup"]) == ("dsocr:queue", "workers")
+            assert all(isinstance(value, str) for value in metadata.values())  # KEDA takes strings
+            if keda.get("redisAddress"):
+                assert metadata["address"] == keda["redisAddress"]
+            else:
+                url = urlsplit(values["redis"]["url"])
+                assert metadata["address"] == f"{url.hostname}:{url.port or 6379}"
+                assert metadata["databaseIndex"] == (url.path.strip("/") or "0")
+                assert metadata["enableTLS"] == str(url.scheme == "rediss").lower()
+            if keda.get("authenticationRef"):
+                assert trigger["authenticationRef"] == {"name": keda["authenticationRef"]}
+        assert lag["metadata"]["lagCount"] == str(keda.get("lagCount", 4))
+        max_workers = values["settings"].get("maxWorkers", chart_values()["settings"]["maxWorkers"])
+        assert pending["metadata"]["pendingEntriesCount"] == str(max_workers)  # the tasks a worker runs
+    for autoscaler in autoscalers:
+        spec = autoscaler["spec"]
+        assert spec["scaleTargetRef"] == target
+        assert (spec["minReplicas"], spec["maxReplicas"]) == (
+            autoscaling["minReplicas"],
+            autoscaling["maxReplicas"],
+        )
+        (metric,) = spec["metrics"]
+        assert metric["external"]["metric"]["name"] == "dsocr_queue_depth"
+        assert metric["external"]["metric"]["selector"]["matchLabels"] == hpa["metricSelector"]
+        assert metric["external"]["target"]["type"] == "AverageValue"
+
+
+SCALE_OUT_WITH_REDIS = {**SCALE_OUT, "redis": {"url": "redis://redis:6379/0"}}
+REFUSED_SCALE_OUTS: dict[str, tuple[dict[str, Any], str]] = {
+    "no-redis": ({**SCALE_OUT}, "needs Redis"),
+    "no-bucket": ({**SCALE_OUT_WITH_REDIS, "settings": {"s3Bucket": ""}}, "settings.s3Bucket"),
+    "keda-and-hpa": (
+        {
+            **SCALE_OUT_WITH_REDIS,
+            "worker": {"autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}},
+        },
+        "not both",
+    ),
+    "hpa-to-zero": (
+        {**SCALE_OUT_WITH_REDIS, "worker": {"autoscaling": {"minReplicas": 0, "hpa": {"enabled": True}}}},
+        "minReplicas of 1",
+    ),
+    "keda-cannot-read-the-secret": (
+        {
+            **SCALE_OUT,
+            "redis": {"existingSecret": "dsocr-redis"},
+            "worker": {"autoscaling": {"keda": {"enabled": True}}},
+        },
+        "redisAddress",
+    ),
+    "keda-without-the-password": (
+        {
+            **SCALE_OUT,
+            "redis": {"url": "redis://:hunter2@redis:6379/0"},
+            "worker": {"autoscaling": {"keda": {"enabled": True}}},
+        },
+        "authenticationRef",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_SCALE_OUTS)
+def test_scale_out_refuses_values_that_cannot_work(case: str) -> None:
+    values, message = REFUSED_SCALE_OUTS[case]
+    with helm_python.Chart.load(CHART) as chart, pytest.raises(helm_python.HelmRenderError, match=message):
+        chart.render(values=values, name=RELEASE)
+
+
 def test_values_match_their_schema() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
@@ -453,13 +890,23 @@ def test_values_match_their_schema() -> None:
         pytest.raises(helm_python.HelmValuesError, match="maxWorker"),
     ):
         chart.render(values={"settings": {"maxWorker": 2}}, name=RELEASE)
+    with (
+        helm_python.Chart.load(CHART) as chart,
+        pytest.raises(helm_python.HelmValuesError, match="/redis/url"),
+    ):
+        chart.render(values={"redis": {"url": "redis-master:6379"}}, name=RELEASE)
 
 
 def test_templates_use_only_values_that_exist() -> None:
     values = chart_values()
     used_top_level = set()
     for template in sorted((CHART / "templates").iterdir()):
-        for path in re.findall(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", template.read_text()):
+        text = template.read_text()
+        paths = re.findall(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text)
+        # `$x := .Values.a` (or `$root.Values`) makes `$x.b` stand for `.Values.a.b`.
+        for alias, prefix in re.findall(r"\$(\w+) := \$?\w*\.Values((?:\.[A-Za-z_]\w*)*)", text):
+            paths += [prefix + rest for rest in re.findall(rf"\${alias}((?:\.[A-Za-z_]\w*)+)", text)]
+        for path in paths:
             keys = path.lstrip(".").split(".")
             used_top_level.add(keys[0])
             node = values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import CredentialsDep, SettingsDep, require_api_key
-from app.errors import ResultNotFound
+from app.errors import BackendUnavailable, ResultNotFound
 
 router = APIRouter(tags=["system"])
 
@@ -26,16 +27,25 @@ async def read_readiness(request: Request) -> JSONResponse:
     """Readiness: workers alive, storage writable; shows the model state and which model was chosen."""
     state = request.app.state
     models = state.models.state
-    pool = state.pool
-    writable = state.tasks.store.writable()
+    pool = state.pool  # None on an API replica (APP_ROLE=api): its workers run elsewhere
+    writable = await asyncio.to_thread(state.tasks.store.writable)
+    workers_ok = pool is None or pool.healthy
+    try:
+        depth: int | None = await state.tasks.queue.depth()
+    except BackendUnavailable:
+        depth = None
     # The vllm engine's OCR server, when it has one: reported, not required, so that results stay
     # reachable (and tasks keep queueing) while that server restarts.
     server = await state.models.server_health()
     body: dict[str, Any] = {
-        "status": "ready" if pool.healthy and writable else "not_ready",
-        "workers": {"alive": pool.alive, "configured": state.settings.max_workers},
+        "status": "ready" if workers_ok and writable and depth is not None else "not_ready",
+        "role": state.settings.role,
+        "workers": {
+            "alive": pool.alive if pool is not None else 0,
+            "configured": state.settings.max_workers if pool is not None else 0,
+        },
         "storage_writable": writable,
-        "queue_depth": state.tasks.queue.depth(),
+        "queue_depth": depth,
         "model": {
             "loaded": models.loaded,
             "name": models.model,

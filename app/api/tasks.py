@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.api.deps import ApiKeyDep, CallerDep, CountRejectionsDep, SettingsDep, TasksDep
@@ -19,7 +19,7 @@ from app.config import Settings
 from app.errors import InvalidOptions
 from app.pipeline.sources import ReceivedFile, fetch_url, receive_multipart
 from app.schemas import ErrorBody, LinkCreate, LinkView, TaskCreate, TaskList, TaskView
-from app.storage.local import RESULT_FILES
+from app.storage.local import PREVIEW_CONTENT_TYPE, RESULT_FILES
 from app.tasks.model import PublishState, TaskOptions, TaskStatus
 from app.tasks.service import Created, TaskService
 
@@ -85,7 +85,7 @@ async def _receive_upload(
     request: Request, tasks: TaskService, settings: Settings
 ) -> tuple[ReceivedFile, TaskOptions]:
     """The multipart upload, spooled to disk, and its options; nothing is left behind on refusal."""
-    tasks.ensure_capacity()
+    await tasks.ensure_capacity()
     form = await receive_multipart(
         request.headers.get("content-type"),
         request.headers.get("content-length"),
@@ -159,7 +159,7 @@ async def create_task(
     idempotency_key: IdempotencyKey = None,
 ) -> TaskView:
     """Fetch a PDF or image from a URL and queue it for OCR."""
-    tasks.ensure_capacity()
+    await tasks.ensure_capacity()
     fetch = _fetcher(str(body.url), tasks, settings)
     created = await tasks.create_from_url(
         str(body.url), body.options, fetch, owner=caller, idempotency_key=idempotency_key
@@ -227,26 +227,29 @@ async def stream_task_events(
 
 async def _result(
     tasks: TaskService, task_id: str, name: str, caller: str | None, headers: dict[str, str] | None = None
-) -> StreamingResponse:
+) -> Response:
+    url = await tasks.result_url(task_id, name, caller)
+    if url is not None:  # APP_S3_REDIRECT_DOWNLOADS: the bucket serves it, the service does not relay
+        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers)
     handle = await tasks.open_result(task_id, name, caller)
     media_type = RESULT_FILES.get(name, "image/png")  # the rest are images/<name>
     return StreamingResponse(stream_file(handle), media_type=media_type, headers=headers)
 
 
 @router.get("/{task_id}/result.md", responses={200: {"content": {"text/markdown": {}}}, **_ERRORS})
-async def read_markdown(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> StreamingResponse:
+async def read_markdown(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> Response:
     """Download the merged Markdown of every page."""
     return await _result(tasks, task_id, "full.md", caller)
 
 
 @router.get("/{task_id}/result.json", responses=_ERRORS)
-async def read_result_json(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> StreamingResponse:
+async def read_result_json(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> Response:
     """Download the task view with every page's Markdown and blocks."""
     return await _result(tasks, task_id, "result.json", caller)
 
 
 @router.get("/{task_id}/layout.json", responses=_ERRORS)
-async def read_layout(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> StreamingResponse:
+async def read_layout(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> Response:
     """Download the layout: every block's type, pixel box and 0-999 box per page."""
     return await _result(tasks, task_id, "layout.json", caller)
 
@@ -254,9 +257,24 @@ async def read_layout(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> St
 @router.get("/{task_id}/images/{name}", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
 async def read_image(
     task_id: TaskId, name: Annotated[str, Path(max_length=64)], tasks: TasksDep, caller: CallerDep
-) -> StreamingResponse:
+) -> Response:
     """Download one cropped figure (names as in the task's links)."""
     return await _result(tasks, task_id, f"images/{name}", caller)
+
+
+@router.get("/{task_id}/pages/{number}", responses={200: {"content": {PREVIEW_CONTENT_TYPE: {}}}, **_ERRORS})
+async def read_page_preview(
+    task_id: TaskId,
+    number: Annotated[int, Path(ge=1, le=100_000, description="The page number in the document.")],
+    tasks: TasksDep,
+    caller: CallerDep,
+) -> StreamingResponse:
+    """The rendered page as a WebP preview (at most 1600 px a side), as soon as the page is rendered:
+    the boxes of ``layout.json`` scale by its size over the page's ``width`` and ``height``."""
+    handle = await tasks.open_preview(task_id, number, caller)
+    # Rewritten only when a resumed task renders the page again, to the same pixels: cache briefly.
+    headers = {"Cache-Control": "private, max-age=300"}
+    return StreamingResponse(stream_file(handle), media_type=PREVIEW_CONTENT_TYPE, headers=headers)
 
 
 async def _owned_task_id(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> str:
@@ -356,6 +374,6 @@ async def _create_any(
         body = TaskCreate.model_validate_json(await request.body())
     except ValidationError as exc:  # answered as FastAPI answers a bad JSON body: 422 invalid_request
         raise RequestValidationError(exc.errors()) from exc
-    tasks.ensure_capacity()
+    await tasks.ensure_capacity()
     fetch = _fetcher(str(body.url), tasks, settings)
     return await tasks.create_from_url(str(body.url), body.options, fetch, owner=caller, idempotency_key=key)

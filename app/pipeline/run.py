@@ -31,7 +31,7 @@ from app.pipeline.assemble import AssembledPage, assemble_page, merge_markdown
 from app.pipeline.grounding import parse_page
 from app.pipeline.pages import PageImage, render_pages
 from app.pipeline.sniff import DocumentKind
-from app.storage.local import LocalStore
+from app.storage.base import TaskStore
 
 OnPage = Callable[[AssembledPage, float], Awaitable[None]]
 """Called after each page with the assembled page and the seconds it took."""
@@ -52,6 +52,7 @@ class PageJob:
     max_pixels: int
     batch_size: int  # the most pages per call to a batch engine (also capped by the engine)
     recognize: RecognizeOptions
+    lease: int = 0  # the worker's lease on the task: results are written under it (app.storage.base)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class _Call:
 class PagePipeline:
     """Runs ``PageJob``s against a store and a shared model."""
 
-    def __init__(self, *, store: LocalStore, models: ModelManager, metrics: Metrics) -> None:
+    def __init__(self, *, store: TaskStore, models: ModelManager, metrics: Metrics) -> None:
         self._store = store
         self._models = models
         self._metrics = metrics
@@ -102,6 +103,7 @@ class PagePipeline:
                     page = await _render_next(pages)
                     if page is None:
                         break
+                    await asyncio.to_thread(self._store.write_preview, job.task_id, page.number, page.image)
                     saved = await asyncio.to_thread(self._store.read_raw, job.task_id, page.number)
                     if saved is not None:
                         if batch:  # keep page order: the pages before this one go first
@@ -216,7 +218,7 @@ class PagePipeline:
         seconds: float,
     ) -> None:
         try:
-            assembled = await asyncio.to_thread(self._assemble, job.task_id, page, text, index)
+            assembled = await asyncio.to_thread(self._assemble, job, page, text, index)
         except DsocrError:
             raise
         except (
@@ -229,18 +231,19 @@ class PagePipeline:
             self._metrics.pages_processed.labels("truncated" if assembled.truncated else "complete").inc()
         await on_page(assembled, seconds)
 
-    def _assemble(self, task_id: str, page: PageImage, text: PageText, index: int) -> AssembledPage:
+    def _assemble(self, job: PageJob, page: PageImage, text: PageText, index: int) -> AssembledPage:
         parsed = parse_page(text.text, text.stop_reason)
         assembled = assemble_page(page, parsed, index)
         for name, crop in assembled.crops:
-            self._store.write_image(task_id, name, crop)
+            self._store.write_image(job.task_id, name, crop, lease=job.lease)
         return assembled
 
-    def write_outputs(self, task_id: str, pages: Sequence[AssembledPage]) -> None:
-        """Store ``full.md`` and ``layout.json`` (blocking)."""
-        self._store.write_result(task_id, "full.md", merge_markdown(pages).encode())
+    def write_outputs(self, task_id: str, pages: Sequence[AssembledPage], lease: int = 0) -> None:
+        """Store ``full.md`` and ``layout.json`` under ``lease`` (blocking)."""
+        self._store.write_result(task_id, "full.md", merge_markdown(pages).encode(), lease=lease)
         layout = {"version": 1, "pages": [page.layout for page in pages]}
-        self._store.write_result(task_id, "layout.json", json.dumps(layout, ensure_ascii=False).encode())
+        data = json.dumps(layout, ensure_ascii=False).encode()
+        self._store.write_result(task_id, "layout.json", data, lease=lease)
 
 
 async def _render_next(pages: Iterator[PageImage]) -> PageImage | None:

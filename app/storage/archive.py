@@ -15,7 +15,8 @@ from typing import BinaryIO
 
 from zipstream import ZipStream
 
-from app.storage.local import RESULT_FILES, LocalStore
+from app.storage.base import TaskStore
+from app.storage.local import RESULT_FILES
 from app.tasks.model import TaskRecord
 
 ARCHIVE_NAME = "result.zip"
@@ -38,7 +39,7 @@ def result_files(record: TaskRecord) -> list[ResultFile]:
     return files
 
 
-def archive_chunks(store: LocalStore, record: TaskRecord) -> Iterator[bytes]:
+def archive_chunks(store: TaskStore, record: TaskRecord) -> Iterator[bytes]:
     """The zip of ``full.md``, ``layout.json``, ``result.json`` and ``images/``, as it is produced.
 
     Blocking reads: iterate in a thread (Starlette does so for a plain iterator). A file that
@@ -57,7 +58,7 @@ def archive_chunks(store: LocalStore, record: TaskRecord) -> Iterator[bytes]:
     yield from stream
 
 
-def open_result(store: LocalStore, record: TaskRecord, name: str) -> BinaryIO:
+def open_result(store: TaskStore, record: TaskRecord, name: str) -> BinaryIO:
     """A readable stream of one result file; ``result.zip`` is built as it is read.
 
     Raises ``ResultNotFound`` for a name the task does not offer. Blocking; the caller closes it.
@@ -67,7 +68,7 @@ def open_result(store: LocalStore, record: TaskRecord, name: str) -> BinaryIO:
     return store.open_result(record.task_id, name)
 
 
-def _file_chunks(store: LocalStore, task_id: str, name: str) -> Iterator[bytes]:
+def _file_chunks(store: TaskStore, task_id: str, name: str) -> Iterator[bytes]:
     # Opened only when the zip stream reaches this member, so at most one file is open at a time.
     with store.open_result(task_id, name) as handle:
         while chunk := handle.read(CHUNK):

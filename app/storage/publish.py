@@ -23,9 +23,9 @@ from typing import Protocol
 from app.config import Settings
 from app.errors import PublishFailed
 from app.storage.archive import ResultFile, open_result, result_files
+from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
-from app.storage.local import LocalStore
-from app.storage.s3 import BucketConfig, S3Bucket, UploadError
+from app.storage.s3 import BucketConfig, S3Bucket, UploadError, s3_bucket_config
 from app.tasks.model import DeliveryStatus, PublishState, TaskRecord
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class BucketPublisher:
         bucket: S3Bucket,
         *,
         backend: str,
-        store: LocalStore,
+        store: TaskStore,
         prefix: str,
         expire_seconds: int,
         max_attempts: int,
@@ -159,22 +159,13 @@ class BucketPublisher:
         self.bucket.close()
 
 
-def publisher_from_settings(settings: Settings, *, store: LocalStore, signer: LinkSigner) -> Publisher:
+def publisher_from_settings(settings: Settings, *, store: TaskStore, signer: LinkSigner) -> Publisher:
     """The publisher ``APP_PUBLISH_BACKEND`` names (``Settings`` has checked its settings are complete)."""
     expire = settings.oss_sign_expire_seconds
     if settings.publish_backend == "local":
         return LinkPublisher(signer, expire_seconds=expire, base_url=settings.link_base_url)
     if settings.publish_backend == "s3":
-        assert settings.s3_bucket is not None
-        secret = settings.s3_secret_access_key
-        config = BucketConfig(
-            bucket=settings.s3_bucket,
-            endpoint_url=settings.s3_endpoint_url,
-            region=settings.s3_region,
-            access_key_id=settings.s3_access_key_id,
-            secret_access_key=secret.get_secret_value() if secret is not None else None,
-            addressing_style=settings.s3_addressing_style,
-        )
+        config = s3_bucket_config(settings)
         prefix = settings.s3_prefix
     else:
         assert settings.oss_bucket is not None

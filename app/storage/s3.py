@@ -9,12 +9,14 @@ methods in a thread. botocore's exceptions are translated here into ``UploadErro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from app.config import Settings
 
 CONNECT_TIMEOUT_SECONDS = 10
 READ_TIMEOUT_SECONDS = 60
@@ -33,6 +35,24 @@ class BucketConfig:
     secret_access_key: str | None = field(default=None, repr=False)
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     signature_version: str = "s3v4"
+    # Tries per call. 1 for publishing, which retries with its own backoff and records each failure;
+    # more for task storage, where botocore's standard retries ride out a throttle or a dropped connection.
+    max_attempts: int = 1
+
+
+def s3_bucket_config(settings: Settings, *, max_attempts: int = 1) -> BucketConfig:
+    """The ``APP_S3_*`` bucket, shared by publishing and the scale-out task storage."""
+    assert settings.s3_bucket is not None  # Settings refuses s3 publishing or storage without one
+    secret = settings.s3_secret_access_key
+    return BucketConfig(
+        bucket=settings.s3_bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=secret.get_secret_value() if secret is not None else None,
+        addressing_style=settings.s3_addressing_style,
+        max_attempts=max_attempts,
+    )
 
 
 class UploadError(Exception):
@@ -60,8 +80,7 @@ class S3Bucket:
                 s3={"addressing_style": config.addressing_style},
                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
                 read_timeout=READ_TIMEOUT_SECONDS,
-                # One try per call: the publisher retries with its own backoff and records each failure.
-                retries={"max_attempts": 1, "mode": "standard"},
+                retries={"max_attempts": config.max_attempts, "mode": "standard"},
                 # boto3's default checksum trailers (aws-chunked bodies) are refused by several
                 # S3-compatible stores, OSS among them; send checksums only where S3 requires them.
                 request_checksum_calculation="when_required",
@@ -70,6 +89,11 @@ class S3Bucket:
         )
         # Streams of unknown length (the zip) go up in 8 MiB parts; two at a time bounds memory.
         self._transfer = TransferConfig(max_concurrency=2)
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (thread-safe), for the task storage's reads, writes and deletes."""
+        return self._client
 
     def upload(self, key: str, body: BinaryIO, content_type: str) -> None:
         """Upload ``body`` (read to its end, seekable or not) to ``key``; raises ``UploadError``."""

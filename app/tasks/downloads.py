@@ -15,8 +15,8 @@ from typing import BinaryIO
 
 from app.errors import InvalidOptions, ResultNotFound, TaskNotFinished
 from app.storage.archive import ResultFile, archive_chunks, open_result, result_files
+from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
-from app.storage.local import LocalStore
 from app.tasks.model import TaskRecord, TaskStatus
 
 
@@ -33,7 +33,7 @@ class Downloads:
     def __init__(
         self,
         *,
-        store: LocalStore,
+        store: TaskStore,
         signer: LinkSigner,
         base_url: str | None,
         default_expire_seconds: int,

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from app.errors import DsocrError, InvalidOptions, PublishFailed, TaskNotFinished
 from app.metrics import Metrics
 from app.schemas import TaskView
-from app.storage.local import LocalStore
+from app.storage.base import TaskStore
 from app.storage.publish import Publisher
 from app.storage.webhooks import Attempt, WebhookSender, check_callback_url
 from app.tasks.model import (
@@ -45,7 +45,7 @@ class FollowUps:
     def __init__(
         self,
         *,
-        store: LocalStore,
+        store: TaskStore,
         publisher: Publisher,
         webhooks: WebhookSender | None,
         auto_publish: bool,

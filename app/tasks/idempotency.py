@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import IdempotencyKeyReused
-from app.storage.local import LocalStore
+from app.storage.base import TaskStore
 from app.tasks.model import TaskOptions
 
 KEY_TTL = timedelta(hours=24)
@@ -44,7 +44,7 @@ def fingerprint(options: TaskOptions, *, url: str | None = None, upload: Path | 
 class IdempotencyKeys:
     """Remembers which task each (owner, key) created, and with which fingerprint."""
 
-    def __init__(self, store: LocalStore) -> None:
+    def __init__(self, store: TaskStore) -> None:
         self._store = store
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, int] = {}  # holders and waiters per lock, to drop unused locks

@@ -162,6 +162,9 @@ class TaskRecord(BaseModel):
     waiting_reason: str | None = None  # why a queued task has not started (e.g. GPU memory)
     cancel_requested: bool = False
     attempts: int = 0  # how many times a worker started it (restarts included)
+    # The fencing token: raised by each worker that takes the task. A shared store refuses a write
+    # carrying another token, so a worker that stalled while another took over writes nothing.
+    lease: int = 0
     model: str | None = None  # the checkpoint that produced the result
     images: list[str] = Field(default_factory=list)  # figure crops under images/, once succeeded
     truncated_pages: list[int] = Field(default_factory=list)  # pages that never reached the end marker

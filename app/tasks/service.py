@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app.errors import (
+    BackendUnavailable,
     InvalidOptions,
+    LeaseLost,
     QueueFull,
+    ResultNotFound,
     TaskAlreadyFinished,
     TaskNotFinished,
     TaskNotFound,
@@ -36,7 +39,7 @@ from app.metrics import Metrics
 from app.pipeline.pages import count_pages, select_pages
 from app.pipeline.sources import ReceivedFile
 from app.schemas import TaskList, TaskView
-from app.storage.local import LocalStore
+from app.storage.base import TaskStore
 from app.tasks.estimates import QueueBoard
 from app.tasks.events import EventHub, EventKind, TaskEvent
 from app.tasks.followups import FollowUps
@@ -47,6 +50,7 @@ from app.tasks.queue import TaskQueue
 log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CANCEL_TRIES = 3  # reads of a record a worker may take between the read and the write
 _CURSOR = re.compile(r"^(\d{1,20})_([0-9a-f]{32})$")  # "<created_at in µs>_<task_id>" of the last task shown
 
 
@@ -71,7 +75,7 @@ class TaskService:
     def __init__(
         self,
         *,
-        store: LocalStore,
+        store: TaskStore,
         queue: TaskQueue,
         metrics: Metrics,
         limits: Limits,
@@ -93,10 +97,10 @@ class TaskService:
 
     # --- submit ---
 
-    def ensure_capacity(self) -> None:
+    async def ensure_capacity(self) -> None:
         """Refuse before reading a body when the queue is already full."""
-        if self.queue.full():
-            raise self._queue_full()
+        if await self.queue.full():
+            raise await self._queue_full()
 
     def spool_path(self) -> Path:
         return self.store.spool_path()
@@ -186,9 +190,9 @@ class TaskService:
                     'Select fewer with the "pages" option.'
                 )
             try:
-                reservation = self.queue.reserve()
+                reservation = await self.queue.reserve()
             except QueueFull:
-                raise self._queue_full() from None
+                raise await self._queue_full() from None
             record = TaskRecord(
                 source=SourceInfo(
                     filename=received.filename,
@@ -208,15 +212,16 @@ class TaskService:
             try:
                 await asyncio.to_thread(self.store.create, record, received.path)
             except BaseException:
-                reservation.release()
+                await reservation.release()
                 raise
-            reservation.commit(record.task_id)
-            self._board.queued(record.task_id, len(numbers))
+            await reservation.commit(record.task_id)
+            if not self.queue.durable:  # with a shared queue, starts and ends happen in other processes
+                self._board.queued(record.task_id, len(numbers))
         except BaseException:
             received.path.unlink(missing_ok=True)
             raise
         self.metrics.tasks_submitted.inc()
-        self.metrics.queue_depth.set(self.queue.depth())
+        await self.sample_queue()
         log.info("task %s queued: %s, %d pages", record.task_id, received.filename, len(numbers))
         return record
 
@@ -225,8 +230,8 @@ class TaskService:
             raise InvalidOptions("this service does not send webhooks; leave callback_url out")
         await self.followups.check_callback(url)
 
-    def _queue_full(self) -> QueueFull:
-        depth = self.queue.depth()
+    async def _queue_full(self) -> QueueFull:
+        depth = await self.queue.depth()
         wait = math.ceil(self._seconds_per_task * max(depth, 1) / self.limits.workers)
         return QueueFull(
             f"the queue is full ({depth} tasks waiting); retry later", retry_after=min(max(wait, 1), 600)
@@ -250,7 +255,9 @@ class TaskService:
     def view(self, record: TaskRecord) -> TaskView:
         """The task view of ``record``, with its queue position and estimates while it is queued."""
         estimate = None
-        if record.status is TaskStatus.QUEUED:
+        # The board sees the tasks of this process only: with a shared queue, starts and ends
+        # happen in the workers, so it would be wrong and shows nothing instead.
+        if record.status is TaskStatus.QUEUED and not self.queue.durable:
             estimate = self._board.estimate(record.task_id, datetime.now(UTC))
         return TaskView.from_record(record, estimate)
 
@@ -285,10 +292,27 @@ class TaskService:
 
     async def open_result(self, task_id: str, name: str, owner: str | None = None) -> BinaryIO:
         """An open stream of a result file of a succeeded task; 409 while it is not finished."""
+        await self._succeeded(task_id, owner)
+        return await asyncio.to_thread(self.store.open_result, task_id, name)
+
+    async def result_url(self, task_id: str, name: str, owner: str | None = None) -> str | None:
+        """Where the client may fetch a result file itself (a presigned bucket URL), or ``None``
+        when the service streams it; raises as ``open_result`` does."""
+        await self._succeeded(task_id, owner)
+        return await asyncio.to_thread(self.store.result_url, task_id, name)
+
+    async def _succeeded(self, task_id: str, owner: str | None) -> None:
         record = await self.get(task_id, owner)
         if record.status is not TaskStatus.SUCCEEDED:
             raise TaskNotFinished(f"task {task_id} is {record.status.value}; results exist once it succeeded")
-        return await asyncio.to_thread(self.store.open_result, task_id, name)
+
+    async def open_preview(self, task_id: str, number: int, owner: str | None = None) -> BinaryIO:
+        """An open stream of the preview of page ``number``, from the moment it is rendered, whatever
+        the task's status; ``ResultNotFound`` before that or for a page the task does not have."""
+        record = await self.get(task_id, owner)
+        if number not in record.page_numbers:
+            raise ResultNotFound(f"task {task_id} has no page {number}; its pages are {record.page_numbers}")
+        return await asyncio.to_thread(self.store.open_preview, task_id, number)
 
     # --- follow ---
 
@@ -346,12 +370,15 @@ class TaskService:
 
     # --- changes, told to followers ---
 
-    async def update(self, record: TaskRecord, kind: EventKind, data: str | None = None) -> None:
+    async def update(
+        self, record: TaskRecord, kind: EventKind, data: str | None = None, *, expect_lease: int | None = None
+    ) -> None:
         """Save a changed record, then publish ``kind`` about it (``data``: the task view unless given).
 
         The event's id is stored on the record before it is written (see ``app.tasks.events``). The
         write is shielded from cancellation: a final or interrupted state must reach the disk even
-        when shutdown cancels the caller.
+        when shutdown cancels the caller. A shared store refuses it with ``LeaseLost`` when the
+        stored lease is not ``expect_lease`` (default: the record's own), and nothing is published.
         """
         record.last_event_id += 1
         if kind is EventKind.END or record.status is TaskStatus.QUEUED:
@@ -360,7 +387,7 @@ class TaskService:
             self._board.started(record.task_id)
         if data is None:
             data = self.view(record).model_dump_json(by_alias=True)
-        await asyncio.shield(asyncio.to_thread(self.store.save, record))
+        await asyncio.shield(asyncio.to_thread(self.store.save, record, expect_lease=expect_lease))
         await self.events.publish(record.task_id, TaskEvent(record.last_event_id, kind, data))
 
     async def page_done(self, record: TaskRecord, *, number: int, index: int, seconds: float) -> None:
@@ -387,41 +414,55 @@ class TaskService:
         pages and records the cancel itself.
         """
         async with self.status_lock:
-            record = await self.get(task_id, owner)
-            if record.status.is_final:
-                raise TaskAlreadyFinished(f"task {task_id} already {record.status.value}")
-            record.cancel_requested = True
-            if record.status is TaskStatus.RUNNING:
-                self._running_cancel.add(task_id)
-                return record
-            record.status = TaskStatus.CANCELED
-            record.finished_at = datetime.now(UTC)
-            record.waiting_reason = None
-            followup = self.followups is not None and self.followups.plan(record)
-            await self.update(record, EventKind.END)
-            self.queue.discard(task_id)
+            for _ in range(_CANCEL_TRIES):
+                record = await self.get(task_id, owner)
+                if record.status.is_final:
+                    raise TaskAlreadyFinished(f"task {task_id} already {record.status.value}")
+                record.cancel_requested = True
+                if record.status is TaskStatus.RUNNING:
+                    self._running_cancel.add(task_id)  # a worker of this process sees it at once
+                    await asyncio.to_thread(self.store.request_cancel, task_id)  # any other, shortly
+                    return record
+                record.status = TaskStatus.CANCELED
+                record.finished_at = datetime.now(UTC)
+                record.waiting_reason = None
+                followup = self.followups is not None and self.followups.plan(record)
+                try:
+                    await self.update(record, EventKind.END)
+                except LeaseLost:
+                    continue  # a worker took the task since it was read: it is running now
+                break
+            else:
+                raise LeaseLost(f"task {task_id} changed hands {_CANCEL_TRIES} times during the cancel")
+            await self.queue.discard(task_id)
         if followup and self.followups is not None:
             self.followups.launch(task_id)
         self.metrics.tasks_finished.labels(TaskStatus.CANCELED.value).inc()
-        self.metrics.queue_depth.set(self.queue.depth())
+        await self.sample_queue()
         return record
 
     def cancel_requested(self, task_id: str) -> bool:
         return task_id in self._running_cancel
+
+    def request_local_cancel(self, task_id: str) -> None:
+        """A cancel asked for on another process, passed on by the worker running the task."""
+        self._running_cancel.add(task_id)
 
     def forget_cancel(self, task_id: str) -> None:
         self._running_cancel.discard(task_id)
 
     # --- lifecycle ---
 
-    def recover(self) -> int:
-        """Queue again every task a previous process accepted but did not finish (blocking).
+    async def recover(self) -> int:
+        """Queue again every task a previous process accepted but did not finish.
 
-        Oldest first. A task that was ``running`` resumes from its stored raw pages.
+        Oldest first. A task that was ``running`` resumes from its stored raw pages. A durable
+        queue needs none of this: it redelivers what a stopped worker held.
         """
-        self.store.clear_spool()
-        pending = [r for r in self.store.list_records() if not r.status.is_final]
-        pending.sort(key=lambda r: r.created_at)
+        await asyncio.to_thread(self.store.clear_spool)
+        if self.queue.durable:
+            return 0
+        pending = await asyncio.to_thread(self._unfinished)
         for record in pending:
             if record.cancel_requested:
                 record.status = TaskStatus.CANCELED
@@ -433,23 +474,41 @@ class TaskService:
             # A status change nobody here follows yet; counted, so a client that reconnects with an
             # id from before the restart gets the state as it is now.
             record.last_event_id += 1
-            self.store.save(record)
+            await asyncio.to_thread(self.store.save, record)
             if record.status is TaskStatus.QUEUED:
-                self.queue.requeue(record.task_id)
+                await self.queue.requeue(record.task_id)
                 self._board.queued(record.task_id, len(record.page_numbers))
         resumed = sum(1 for r in pending if r.status is TaskStatus.QUEUED)
         if resumed:
             log.info("recovered %d unfinished tasks", resumed)
-        self.metrics.queue_depth.set(self.queue.depth())
+        await self.sample_queue()
         return resumed
+
+    def _unfinished(self) -> list[TaskRecord]:
+        pending = [r for r in self.store.list_records() if not r.status.is_final]
+        pending.sort(key=lambda r: r.created_at)
+        return pending
+
+    async def sample_queue(self) -> None:
+        """Set the queue gauges from the queue (shared: from Redis, so every process agrees)."""
+        self.metrics.queue_depth.set(await self.queue.depth())
+        self.metrics.queue_oldest_age.set(await self.queue.oldest_age())
+
+    async def run_queue_monitor(self, every_seconds: float) -> None:
+        """Sample the queue gauges periodically; runs until cancelled. A shared queue changes
+        under other processes, so events here alone cannot keep them current."""
+        while True:
+            with contextlib.suppress(BackendUnavailable):
+                await self.sample_queue()
+            await asyncio.sleep(every_seconds)
 
     def expire(self) -> int:
         """Delete finished tasks older than the result TTL (blocking); returns how many."""
         cutoff = datetime.now(UTC) - timedelta(hours=self.limits.result_ttl_hours)
         expired = 0
-        for record in self.store.list_records():
-            if record.status.is_final and (record.finished_at or record.created_at) < cutoff:
-                self.store.delete(record.task_id)
+        for summary in self.store.summaries():
+            if summary.status.is_final and (summary.finished_at or summary.created_at) < cutoff:
+                self.store.delete(summary.task_id)
                 expired += 1
         if expired:
             log.info("expired %d finished tasks", expired)
@@ -459,9 +518,13 @@ class TaskService:
         return expired
 
     async def run_janitor(self, every_seconds: float) -> None:
-        """Expire old tasks periodically; runs until cancelled."""
+        """Expire old tasks periodically; runs until cancelled. With several API replicas each
+        runs it: deleting a task twice is harmless."""
         while True:
-            await asyncio.to_thread(self.expire)
+            try:
+                await asyncio.to_thread(self.expire)
+            except BackendUnavailable as exc:
+                log.warning("expiring old tasks skipped: %s", exc.message)
             await asyncio.sleep(every_seconds)
 
 

@@ -11,14 +11,18 @@ start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from app.engines.gpu import GpuGate
 from app.engines.manager import ModelManager
-from app.errors import DsocrError, TaskCanceled, TaskNotFound
+from app.errors import BackendUnavailable, DsocrError, LeaseLost, TaskCanceled, TaskNotFound
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
@@ -31,6 +35,9 @@ from app.tasks.service import TaskService
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # starts of one task (restarts included) before it is failed instead of retried
+_CANCEL_POLL_SECONDS = 1.0  # how soon a cancel sent to another process reaches a running task
+_RECONNECT_FIRST_SECONDS = 0.5  # backoff while the shared queue is unreachable, doubling...
+_RECONNECT_MAX_SECONDS = 10.0  # ...up to this
 
 
 class _ShuttingDown(Exception):
@@ -43,6 +50,7 @@ class WorkerConfig:
     batch_size: int
     max_pixels: int
     engine: EngineDefaults
+    visibility_seconds: float = 120.0  # a shared queue redelivers a task not renewed this long
 
 
 class WorkerPool:
@@ -104,32 +112,55 @@ class WorkerPool:
     async def _run_loop(self) -> None:
         this = asyncio.current_task()
         assert this is not None
+        queue = self._service.queue
+        backoff = _RECONNECT_FIRST_SECONDS
         while not self._stopping:
-            task_id = await self._service.queue.get()
+            try:
+                task_id = await queue.get()
+            except BackendUnavailable as exc:
+                log.warning("cannot take tasks, retrying in %.0f s: %s", backoff, exc.message)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RECONNECT_MAX_SECONDS)
+                continue
+            backoff = _RECONNECT_FIRST_SECONDS
             self._busy.add(this)
             try:
-                await self._process(task_id)
+                kept = await self._process(task_id)
             finally:
                 self._busy.discard(this)
-                self._service.queue.ack(task_id)
-                self._metrics.queue_depth.set(self._service.queue.depth())
+            if kept:
+                with contextlib.suppress(BackendUnavailable):  # unacknowledged: delivered again, skipped
+                    await queue.ack(task_id)
+            else:
+                queue.forget(task_id)
+            with contextlib.suppress(BackendUnavailable):
+                await self._service.sample_queue()
 
     async def _claim(self, task_id: str) -> TaskRecord | None:
-        """Mark a queued task running; ``None`` when it is gone or no longer queued (canceled)."""
+        """Take the task: mark it running under a new lease. ``None`` when it is gone, over
+        (canceled while queued, or finished by a worker that died before acknowledging it), or
+        taken by another worker between the read and the write."""
         async with self._service.status_lock:
             try:
                 record = await self._service.get(task_id)
             except TaskNotFound:
                 return None
-            if record.status is not TaskStatus.QUEUED:
+            # ``running`` arrives only from a shared queue: its worker went silent and it is redelivered.
+            if record.status.is_final:
                 return None
+            if record.status is TaskStatus.RUNNING:
+                log.warning("task %s: taking it over from a worker that went silent", task_id)
+            record.lease += 1
             record.status = TaskStatus.RUNNING
             record.started_at = datetime.now(UTC)
             record.finished_at = None
             record.attempts += 1
             record.waiting_reason = None
             record.error = None
-            await self._service.update(record, EventKind.STATUS)
+            try:
+                await self._service.update(record, EventKind.STATUS, expect_lease=record.lease - 1)
+            except LeaseLost:
+                return None
             return record
 
     async def _wait_for_gpu(self, task_id: str) -> None:
@@ -138,29 +169,75 @@ class WorkerPool:
                 record = await self._service.get(task_id)
                 if record.status is TaskStatus.QUEUED:
                     record.waiting_reason = reason
-                    await asyncio.to_thread(self._store.save, record)
+                    with contextlib.suppress(LeaseLost):  # taken by another worker: its reason is moot
+                        await asyncio.to_thread(self._store.save, record)
 
         await self._gate.wait(report)
 
-    async def _process(self, task_id: str) -> None:
-        await self._wait_for_gpu(task_id)
-        record = await self._claim(task_id)
-        if record is None:
-            return
+    async def _process(self, task_id: str) -> bool:
+        """Run one delivered task to its end. ``False`` when this worker let go of it instead (its
+        lease passed to another worker, or Redis or the bucket went away): it must not be
+        acknowledged, so that it stays due, and nothing more is written about it here."""
+        try:
+            await self._wait_for_gpu(task_id)
+            record = await self._claim(task_id)
+            if record is None:
+                return True
+            lease_lost = asyncio.Event()
+            keeper = asyncio.create_task(self._keep(task_id, lease_lost), name=f"dsocr-lease-{task_id}")
+            try:
+                await self._run(record, lease_lost)
+            finally:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+        except LeaseLost as exc:
+            self._metrics.lease_expiries.inc()
+            log.warning("task %s: let go, another worker holds it now (%s)", task_id, exc.message)
+            return False
+        except BackendUnavailable as exc:
+            log.warning("task %s: let go, it will be delivered again: %s", task_id, exc.message)
+            return False
+        return True
+
+    async def _keep(self, task_id: str, lease_lost: asyncio.Event) -> None:
+        """While the task runs: renew its hold on the queue, and pass on a cancel asked for on
+        another process. Sets ``lease_lost`` when another worker has taken the task."""
+        queue = self._service.queue
+        if not queue.durable:
+            return  # one process: the hold cannot lapse and cancels arrive directly
+        every = min(self._config.visibility_seconds / 3, _CANCEL_POLL_SECONDS)
+        renew_every = self._config.visibility_seconds / 3
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if time.monotonic() - renewed >= renew_every - every / 2:
+                    if not await queue.touch(task_id):
+                        lease_lost.set()
+                        return
+                    renewed = time.monotonic()
+                record = await self._service.get(task_id)
+            except (BackendUnavailable, TaskNotFound):
+                continue  # the next renewal tries again; past the timeout the task is redelivered
+            if record.cancel_requested:
+                self._service.request_local_cancel(task_id)
+
+    async def _run(self, record: TaskRecord, lease_lost: asyncio.Event) -> None:
+        task_id = record.task_id
         if record.attempts > MAX_ATTEMPTS:
             await self._finish(
                 record,
                 TaskStatus.FAILED,
                 TaskErrorInfo(
                     code="too_many_attempts",
-                    message=f"the task was interrupted {MAX_ATTEMPTS} times (the service stopped or crashed "
+                    message=f"the task was interrupted {MAX_ATTEMPTS} times (its worker stopped or crashed "
                     "while running it); it is not retried again",
                 ),
             )
             return
         self._metrics.tasks_running.inc()
         try:
-            await self._execute(record)
+            await self._execute(record, lease_lost)
         except TaskCanceled:
             await self._finish(record, TaskStatus.CANCELED, None)
         except _ShuttingDown:
@@ -168,6 +245,10 @@ class WorkerPool:
             record.started_at = None
             record.waiting_reason = "interrupted by a shutdown; resumes from its last finished page"
             await self._service.update(record, EventKind.STATUS)
+            if self._service.queue.durable:
+                await self._service.queue.requeue(task_id)  # to another worker now, not after a timeout
+        except (LeaseLost, BackendUnavailable):
+            raise  # let go of the task: nothing more is written about it
         except DsocrError as exc:
             log.warning("task %s failed: %s", task_id, exc.message)
             await self._finish(record, TaskStatus.FAILED, TaskErrorInfo(code=exc.code, message=exc.message))
@@ -184,10 +265,12 @@ class WorkerPool:
             self._metrics.tasks_running.dec()
             self._service.forget_cancel(task_id)
 
-    async def _execute(self, record: TaskRecord) -> None:
+    async def _execute(self, record: TaskRecord, lease_lost: asyncio.Event) -> None:
         task_id = record.task_id
 
         def check_interrupt() -> None:
+            if lease_lost.is_set():
+                raise LeaseLost(f"task {task_id}: the queue gave it to another worker")
             if self._service.cancel_requested(task_id):
                 raise TaskCanceled("canceled by request")
             if self._stopping:
@@ -202,7 +285,7 @@ class WorkerPool:
         record.progress.pages_done = 0
         record.truncated_pages = []
         await asyncio.to_thread(self._store.clear_results, task_id)
-        with self._store.input_file(record) as input_path:
+        async with self._input_file(record) as input_path:
             job = PageJob(
                 task_id=task_id,
                 input_path=input_path,
@@ -212,12 +295,23 @@ class WorkerPool:
                 max_pixels=self._config.max_pixels,
                 batch_size=self._config.batch_size,
                 recognize=recognize_options(record.options, self._config.engine),
+                lease=record.lease,
             )
             pages = await self._pipeline.run(job, on_page=on_page, check_interrupt=check_interrupt)
-        await asyncio.to_thread(self._pipeline.write_outputs, task_id, pages)
+        await asyncio.to_thread(self._pipeline.write_outputs, task_id, pages, record.lease)
         record.images = [name for page in pages for name, _ in page.crops]
         record.model = self._models.state.model
         await self._finish(record, TaskStatus.SUCCEEDED, None, pages=pages)
+
+    @contextlib.asynccontextmanager
+    async def _input_file(self, record: TaskRecord) -> AsyncIterator[Path]:
+        """The store's ``input_file``, entered and left in a thread: a shared store downloads it."""
+        lent = self._store.input_file(record)
+        path = await asyncio.to_thread(lent.__enter__)
+        try:
+            yield path
+        finally:
+            await asyncio.to_thread(lent.__exit__, None, None, None)
 
     async def _finish(
         self,
@@ -244,7 +338,9 @@ class WorkerPool:
                 for p in pages
             ]
             data = json.dumps(view, ensure_ascii=False).encode()
-            await asyncio.to_thread(self._store.write_result, record.task_id, "result.json", data)
+            await asyncio.to_thread(
+                self._store.write_result, record.task_id, "result.json", data, lease=record.lease
+            )
         # Publish and webhook are marked due on the final record itself, so a restart resumes them,
         # and start only after it is saved: they run in the background and never delay this task.
         followups = self._service.followups

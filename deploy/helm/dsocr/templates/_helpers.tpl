@@ -38,3 +38,206 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "dsocr.claimName" -}}
 {{- default (include "dsocr.fullname" .) .Values.persistence.existingClaim }}
 {{- end }}
+
+{{/*
+Scale-out (scaleOut.enabled): the API and worker pods carry app.kubernetes.io/component on top of
+the selector labels, so that each Deployment and Service selects its own pods. Without scale-out the
+selector stays as it was: a Deployment's selector cannot change in an upgrade.
+*/}}
+{{- define "dsocr.componentSelectorLabels" -}}
+{{ include "dsocr.selectorLabels" .root }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{/* The Redis Streams queue the workers' consumer group reads (app.tasks.queue). */}}
+{{- define "dsocr.queueStream" -}}dsocr:queue{{- end }}
+{{- define "dsocr.queueGroup" -}}workers{{- end }}
+
+{{/* Refuse scale-out values that cannot work, with the value to set, before anything is applied. */}}
+{{- define "dsocr.validateScaleOut" -}}
+{{- if .Values.scaleOut.enabled }}
+{{- if not (or .Values.redis.url .Values.redis.existingSecret) }}
+{{- fail "scaleOut.enabled needs Redis: set redis.url (redis://host:6379/0) or redis.existingSecret" }}
+{{- end }}
+{{- if not .Values.settings.s3Bucket }}
+{{- fail "scaleOut.enabled needs an S3 bucket for tasks and results: set settings.s3Bucket (and settings.s3EndpointUrl, the keys, for a store other than AWS)" }}
+{{- end }}
+{{- $autoscaling := .Values.worker.autoscaling }}
+{{- if and $autoscaling.keda.enabled $autoscaling.hpa.enabled }}
+{{- fail "worker.autoscaling: enable keda or hpa, not both (KEDA makes its own HorizontalPodAutoscaler)" }}
+{{- end }}
+{{- if gt (int $autoscaling.minReplicas) (int $autoscaling.maxReplicas) }}
+{{- fail "worker.autoscaling.minReplicas is above worker.autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and $autoscaling.hpa.enabled (lt (int $autoscaling.minReplicas) 1) }}
+{{- fail "worker.autoscaling.hpa needs minReplicas of 1 or more; scaling to zero takes KEDA (worker.autoscaling.keda)" }}
+{{- end }}
+{{- if and $autoscaling.keda.enabled (not $autoscaling.keda.redisAddress) }}
+{{- if .Values.redis.existingSecret }}
+{{- fail "worker.autoscaling.keda with redis.existingSecret needs worker.autoscaling.keda.redisAddress (host:port): the chart cannot read the Secret" }}
+{{- end }}
+{{- if and (urlParse .Values.redis.url).userinfo (not $autoscaling.keda.authenticationRef) }}
+{{- fail "redis.url carries credentials: KEDA reads them from a TriggerAuthentication, set worker.autoscaling.keda.authenticationRef" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod template of a Deployment. Arguments: root (the chart's context), component ("" for the
+single Deployment, else api or worker) and role (the APP_ROLE the chart sets in scale-out).
+Without scale-out it renders the one pod as it always has: /data on the claim, the GPU, every
+setting. In scale-out the records and results live in Redis and S3, so /data is scratch (an
+emptyDir); the API pods take their image, resources and placement from api.*, and only the
+workers get the GPU.
+*/}}
+{{- define "dsocr.podTemplate" -}}
+{{- $root := .root }}
+{{- $values := $root.Values }}
+{{- $api := eq .component "api" }}
+{{- $gpu := and (not $api) $values.gpu -}}
+metadata:
+  labels:
+    {{- include "dsocr.componentSelectorLabels" . | nindent 4 }}
+    {{- with $values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    {{- if and $values.auth.apiKeys (not $values.auth.existingSecret) }}
+    # Restart the pod when the chart's keys change: the service reads them at start-up.
+    checksum/secret: {{ include (print $root.Template.BasePath "/secret.yaml") $root | sha256sum }}
+    {{- end }}
+    {{- with $values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- with $values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if not $api }}
+  {{- with $values.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- end }}
+  # The service never talks to the Kubernetes API.
+  automountServiceAccountToken: false
+  securityContext:
+    {{- toYaml $values.podSecurityContext | nindent 4 }}
+  # On SIGTERM the service gives a running task 20 s to reach a page boundary.
+  terminationGracePeriodSeconds: 30
+  containers:
+    - name: dsocr
+      {{- if $api }}
+      image: "{{ $values.api.image.repository | default $values.image.repository }}:{{ $values.api.image.tag | default $values.image.tag }}"
+      {{- else }}
+      image: "{{ $values.image.repository }}:{{ $values.image.tag }}"
+      {{- end }}
+      imagePullPolicy: {{ $values.image.pullPolicy }}
+      securityContext:
+        {{- toYaml $values.securityContext | nindent 8 }}
+      ports:
+        - name: http
+          containerPort: 8000
+          protocol: TCP
+      env:
+        # Set by the chart: the port above, the volume below and the Secret.
+        - name: APP_HOST
+          value: "0.0.0.0"
+        - name: APP_PORT
+          value: "8000"
+        - name: APP_DATA_DIR
+          value: /data
+        {{- if or $values.auth.apiKeys $values.auth.existingSecret }}
+        - name: APP_API_KEYS
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "dsocr.secretName" $root }}
+              key: {{ $values.auth.secretKey }}
+        {{- end }}
+        {{- if .role }}
+        # Scale-out: this pod's part, and the Redis queue and S3 bucket every pod shares.
+        - name: APP_ROLE
+          value: {{ .role }}
+        - name: APP_QUEUE_BACKEND
+          value: redis
+        - name: APP_STORAGE_BACKEND
+          value: s3
+        - name: APP_REDIS_URL
+          {{- if $values.redis.existingSecret }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ $values.redis.existingSecret }}
+              key: {{ $values.redis.secretKey }}
+          {{- else }}
+          value: {{ $values.redis.url | quote }}
+          {{- end }}
+        {{- end }}
+        {{- range $key, $value := $values.settings }}
+        {{- if not (and (kindIs "string" $value) (eq $value "")) }}
+        - name: {{ printf "APP_%s" ($key | snakecase | upper) }}
+          {{- /* toJson keeps numbers out of Go's exponent notation (40000000, not 4e+07). */}}
+          value: {{ if kindIs "string" $value }}{{ $value | quote }}{{ else }}{{ toJson $value | quote }}{{ end }}
+        {{- end }}
+        {{- end }}
+        {{- range $key, $secret := $values.secretSettings }}
+        {{- if $secret.name }}
+        - name: {{ printf "APP_%s" ($key | snakecase | upper) }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ $secret.name }}
+              key: {{ $secret.key }}
+        {{- end }}
+        {{- end }}
+        {{- with $values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: http
+        periodSeconds: 10
+        timeoutSeconds: 5
+        failureThreshold: 6
+      # /readyz fails when a worker died or /data is not writable.
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: http
+        periodSeconds: 10
+        timeoutSeconds: 5
+        failureThreshold: 3
+      resources:
+        {{- $resources := deepCopy (ternary $values.api.resources $values.resources $api) }}
+        {{- if $gpu }}
+        {{- $limits := get $resources "limits" | default dict }}
+        {{- $_ := set $limits "nvidia.com/gpu" $values.gpu }}
+        {{- $_ := set $resources "limits" $limits }}
+        {{- end }}
+        {{- toYaml $resources | nindent 8 }}
+      volumeMounts:
+        - name: data
+          mountPath: /data
+  volumes:
+    - name: data
+      {{- if and $values.persistence.enabled (not .component) }}
+      persistentVolumeClaim:
+        claimName: {{ include "dsocr.claimName" $root }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+  {{- with (ternary $values.api.nodeSelector $values.nodeSelector $api) }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with (ternary $values.api.affinity $values.affinity $api) }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with (ternary $values.api.tolerations $values.tolerations $api) }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

@@ -1,0 +1,124 @@
+"""The store seam: task records and their files behind one interface, whatever holds them.
+
+``LocalStore`` (one process, one disk) and ``SharedStore`` (records in Redis, files in an
+S3-compatible bucket, for API replicas and workers on several machines) both satisfy ``TaskStore``.
+Routers, the task service, the worker and the pipeline see this protocol only: streams and bytes,
+never a path (except the renderer's input, lent for the length of a ``with`` block).
+
+Every method blocks: callers on the event loop run them in a thread.
+
+Fencing: ``TaskRecord.lease`` is raised by each worker that takes a task. A shared store refuses
+(``LeaseLost``) a ``save`` whose expected lease is not the stored one, and a worker writes its result
+files under its own lease, so a worker that stalled while another took its task over can change
+neither the record nor the results the task ends with. The local store has one process writing,
+serialised by the task service's lock, and ignores leases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from PIL import Image
+
+from app.tasks.model import TaskRecord, TaskStatus
+
+
+@dataclass(frozen=True)
+class RecordSummary:
+    """What listing and expiry need of a record, without reading every record in full."""
+
+    task_id: str
+    created_at: datetime
+    status: TaskStatus
+    owner: str | None
+    finished_at: datetime | None
+
+
+def summary_of(record: TaskRecord) -> RecordSummary:
+    return RecordSummary(record.task_id, record.created_at, record.status, record.owner, record.finished_at)
+
+
+class TaskStore(Protocol):
+    """Task records, idempotency entries, and each task's input, pages, raw output and results."""
+
+    # --- uploads and health ---
+
+    def spool_path(self) -> Path:
+        """A fresh local path for an incoming file; the caller deletes it or hands it to ``create``."""
+
+    def clear_spool(self) -> None:
+        """Remove spool files an interrupted upload left behind."""
+
+    def writable(self) -> bool:
+        """Whether records and files can be written now (readiness)."""
+
+    # --- records ---
+
+    def create(self, record: TaskRecord, spooled_input: Path) -> None:
+        """Store a new task with its input; the record never points at a missing input."""
+
+    def save(self, record: TaskRecord, *, expect_lease: int | None = None) -> None:
+        """Write ``record``; a shared store first checks that the stored lease is ``expect_lease``
+        (default: ``record.lease``) and raises ``LeaseLost`` otherwise."""
+
+    def load(self, task_id: str) -> TaskRecord:
+        """The record; ``TaskNotFound`` when there is none."""
+
+    def list_records(self) -> Iterator[TaskRecord]:
+        """Every record (recovery and follow-ups at start-up)."""
+
+    def summaries(self) -> list[RecordSummary]:
+        """A summary of every record, in no particular order."""
+
+    def delete(self, task_id: str) -> None:
+        """Remove the task, its record and every file of it."""
+
+    def request_cancel(self, task_id: str) -> None:
+        """Ask the worker running the task to stop it; it reads ``cancel_requested`` on ``load``."""
+
+    # --- idempotency entries, named by a hash of owner and key ---
+
+    def read_key(self, name: str) -> dict[str, Any] | None: ...
+
+    def write_key(self, name: str, entry: dict[str, Any]) -> None: ...
+
+    def delete_key(self, name: str) -> None: ...
+
+    def key_names(self) -> list[str]:
+        """Entries to check for expiry (a store that expires them itself returns none)."""
+
+    # --- the pipeline's files ---
+
+    def input_file(self, record: TaskRecord) -> contextlib.AbstractContextManager[Path]:
+        """A local path to the task's input, valid inside the ``with`` block."""
+
+    def write_raw(self, task_id: str, number: int, payload: dict[str, Any]) -> None: ...
+
+    def read_raw(self, task_id: str, number: int) -> dict[str, Any] | None: ...
+
+    def write_preview(self, task_id: str, number: int, image: Image.Image) -> None: ...
+
+    def open_preview(self, task_id: str, number: int) -> BinaryIO:
+        """Page ``number``'s preview; ``ResultNotFound`` until it is rendered."""
+
+    def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None: ...
+
+    def write_result(self, task_id: str, name: str, data: bytes, *, lease: int = 0) -> None: ...
+
+    def clear_results(self, task_id: str) -> None:
+        """Drop the results of an earlier attempt before a new one writes its own."""
+
+    # --- downloads ---
+
+    def open_result(self, task_id: str, name: str) -> BinaryIO:
+        """``full.md``, ``layout.json``, ``result.json`` or ``images/<name>`` of the task's final
+        attempt; ``ResultNotFound`` for anything else."""
+
+    def result_url(self, task_id: str, name: str) -> str | None:
+        """A URL the client may fetch the file from directly (a presigned GET), or ``None`` to
+        stream it through the service."""

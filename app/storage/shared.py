@@ -1,0 +1,267 @@
+"""The scale-out ``TaskStore``: records in Redis, files in an S3-compatible bucket.
+
+Any API replica serves any task and any worker runs it. Object keys, under ``APP_S3_PREFIX``::
+
+    tasks/<id>/input/<name>            the upload or download
+    tasks/<id>/raw/pNNNN.json          the model's output per page (what a resumed task reuses)
+    tasks/<id>/pages/pNNNN.webp        page previews
+    tasks/<id>/out/<lease>/full.md     results of the attempt holding lease <lease>: full.md,
+                                       layout.json, result.json, images/pNNNN_NN.png
+
+Results live under their writer's lease, and downloads read the lease on the record: a worker
+that stalled past the visibility timeout and wakes up after another finished the task writes into
+its own ``out/<old lease>/``, which nothing reads, and its record writes are refused. Raw pages are
+shared across attempts on purpose (a resumed task skips pages already recognised); a stale writer
+can only put there the output of the same page.
+
+Uploads arrive in a local spool directory (``<data_dir>/spool``) and go up to the bucket when the
+task is created. Blocking (boto3, redis-py); callers on the event loop use threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from botocore.exceptions import BotoCoreError, ClientError
+from PIL import Image
+
+from app.errors import BackendUnavailable, ResultNotFound, StorageError
+from app.storage.base import RecordSummary
+from app.storage.local import IMAGE_NAME, PREVIEW_CONTENT_TYPE, RESULT_FILES, encode_preview
+from app.storage.redis_records import RedisRecords
+from app.storage.s3 import S3Bucket
+from app.tasks.model import TASK_ID_PATTERN, TaskRecord
+
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+_SPOOLED = re.compile(r"^[0-9a-f]{32}$")
+
+
+class SharedStore:
+    """``TaskStore`` over ``RedisRecords`` and one bucket; ``redirect_seconds`` > 0 makes
+    ``result_url`` hand out presigned links of that life instead of streaming through the service."""
+
+    def __init__(
+        self,
+        *,
+        records: RedisRecords,
+        bucket: S3Bucket,
+        prefix: str,
+        spool_dir: Path,
+        redirect_seconds: int = 0,
+    ) -> None:
+        self._records = records
+        self._bucket = bucket
+        self._s3 = bucket.client
+        self._prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        self._spool = spool_dir
+        self._redirect_seconds = redirect_seconds
+        try:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the spool directory {spool_dir}: {exc.strerror}") from exc
+
+    # --- keys (private: nothing outside this class builds them) ---
+
+    def _key(self, task_id: str, *parts: str) -> str:
+        if not TASK_ID_PATTERN.match(task_id):
+            raise ResultNotFound(f"no task {task_id!r}")
+        return "/".join((f"{self._prefix}tasks", task_id, *parts))
+
+    def _result_key(self, task_id: str, name: str, lease: int) -> str:
+        if name in RESULT_FILES or (name.startswith("images/") and IMAGE_NAME.match(name[7:])):
+            return self._key(task_id, "out", str(lease), name)
+        raise ResultNotFound(f"task {task_id} has no result named {name!r}")
+
+    # --- objects ---
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        with _s3_errors(f"writing {key}"):
+            self._s3.put_object(Bucket=self._bucket.name, Key=key, Body=data, ContentType=content_type)
+
+    def _get(self, key: str) -> BinaryIO | None:
+        """An open stream of ``key``; ``None`` when there is no such object."""
+        try:
+            with _s3_errors(f"reading {key}"):
+                return self._s3.get_object(Bucket=self._bucket.name, Key=key)["Body"]
+        except _Missing:
+            return None
+
+    def _delete_prefix(self, prefix: str) -> None:
+        with _s3_errors(f"deleting {prefix}"):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self._bucket.name, Prefix=prefix
+            )
+            for page in pages:
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:  # at most 1000 a page, as many as one delete_objects takes
+                    self._s3.delete_objects(Bucket=self._bucket.name, Delete={"Objects": keys, "Quiet": True})
+
+    # --- uploads and health ---
+
+    def spool_path(self) -> Path:
+        return self._spool / uuid.uuid4().hex
+
+    def clear_spool(self) -> None:
+        for leftover in self._spool.iterdir():
+            if _SPOOLED.match(leftover.name):
+                leftover.unlink(missing_ok=True)
+
+    def writable(self) -> bool:
+        if not self._records.ping():
+            return False
+        try:
+            self._s3.head_bucket(Bucket=self._bucket.name)
+        except (BotoCoreError, ClientError):
+            return False
+        return True
+
+    # --- records ---
+
+    def create(self, record: TaskRecord, spooled_input: Path) -> None:
+        key = self._key(record.task_id, "input", record.input_name)
+        with _s3_errors(f"uploading the input of task {record.task_id}"):
+            self._s3.upload_file(
+                str(spooled_input),
+                self._bucket.name,
+                key,
+                ExtraArgs={"ContentType": "application/octet-stream"},
+            )
+        self._records.create(record)
+
+    def save(self, record: TaskRecord, *, expect_lease: int | None = None) -> None:
+        self._records.save(record, expect_lease=expect_lease)
+
+    def load(self, task_id: str) -> TaskRecord:
+        return self._records.load(task_id)
+
+    def list_records(self) -> Iterator[TaskRecord]:
+        return self._records.list_records()
+
+    def summaries(self) -> list[RecordSummary]:
+        return self._records.summaries()
+
+    def delete(self, task_id: str) -> None:
+        self._delete_prefix(self._key(task_id) + "/")
+        self._records.delete(task_id)
+
+    def request_cancel(self, task_id: str) -> None:
+        self._records.request_cancel(task_id)
+
+    def read_key(self, name: str) -> dict[str, Any] | None:
+        return self._records.read_key(name)
+
+    def write_key(self, name: str, entry: dict[str, Any]) -> None:
+        self._records.write_key(name, entry)
+
+    def delete_key(self, name: str) -> None:
+        self._records.delete_key(name)
+
+    def key_names(self) -> list[str]:
+        return []  # Redis expires the entries itself
+
+    # --- the pipeline's files ---
+
+    @contextlib.contextmanager
+    def input_file(self, record: TaskRecord) -> Iterator[Path]:
+        key = self._key(record.task_id, "input", record.input_name)
+        fd, name = tempfile.mkstemp(dir=self._spool, prefix="input-")
+        os.close(fd)
+        try:
+            try:
+                with _s3_errors(f"downloading the input of task {record.task_id}"):
+                    self._s3.download_file(self._bucket.name, key, name)
+            except _Missing:
+                raise StorageError(f"the input of task {record.task_id} is missing") from None
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def write_raw(self, task_id: str, number: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        self._put(self._key(task_id, "raw", f"p{number:04d}.json"), data, "application/json")
+
+    def read_raw(self, task_id: str, number: int) -> dict[str, Any] | None:
+        body = self._get(self._key(task_id, "raw", f"p{number:04d}.json"))
+        if body is None:
+            return None
+        with body:
+            try:
+                payload = json.loads(body.read())
+            except ValueError:
+                return None
+        return payload if isinstance(payload, dict) else None
+
+    def write_preview(self, task_id: str, number: int, image: Image.Image) -> None:
+        key = self._key(task_id, "pages", f"p{number:04d}.webp")
+        self._put(key, encode_preview(image), PREVIEW_CONTENT_TYPE)
+
+    def open_preview(self, task_id: str, number: int) -> BinaryIO:
+        body = self._get(self._key(task_id, "pages", f"p{number:04d}.webp"))
+        if body is None:
+            raise ResultNotFound(f"task {task_id} has no rendered page {number} (yet)")
+        return body
+
+    def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None:
+        if not IMAGE_NAME.match(name):
+            raise StorageError(f"refusing to write an image named {name!r}")
+        out = io.BytesIO()
+        image.save(out, format="PNG", optimize=False)
+        self._put(self._result_key(task_id, f"images/{name}", lease), out.getvalue(), "image/png")
+
+    def write_result(self, task_id: str, name: str, data: bytes, *, lease: int = 0) -> None:
+        if name not in RESULT_FILES:
+            raise StorageError(f"unknown result file {name!r}")
+        self._put(self._result_key(task_id, name, lease), data, RESULT_FILES[name])
+
+    def clear_results(self, task_id: str) -> None:
+        """Nothing to clear: each attempt writes under its own lease."""
+
+    # --- downloads ---
+
+    def open_result(self, task_id: str, name: str) -> BinaryIO:
+        key = self._result_key(task_id, name, self._records.load(task_id).lease)
+        body = self._get(key)
+        if body is None:
+            raise ResultNotFound(f"task {task_id} has no result named {name!r}")
+        return body
+
+    def result_url(self, task_id: str, name: str) -> str | None:
+        if not self._redirect_seconds:
+            return None
+        key = self._result_key(task_id, name, self._records.load(task_id).lease)
+        with _s3_errors(f"signing a link to {key}"):
+            return self._s3.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self._bucket.name, "Key": key},
+                ExpiresIn=self._redirect_seconds,
+            )
+
+    def close(self) -> None:
+        self._bucket.close()
+
+
+class _Missing(Exception):
+    """The object does not exist (turned into ``None`` or ``ResultNotFound`` by the caller)."""
+
+
+@contextlib.contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """botocore's errors as this service's: a missing object, an unreachable store, or a refusal."""
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING:
+            raise _Missing from exc
+        raise StorageError(f"the bucket refused {what}: {code or exc}") from exc
+    except BotoCoreError as exc:  # cannot connect, timed out, connection dropped (after retries)
+        raise BackendUnavailable(f"the bucket is unreachable while {what}: {exc}") from exc

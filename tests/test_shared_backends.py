@@ -1,0 +1,329 @@
+"""The scale-out backends against real servers: the Redis queue, records and event streams
+(Debian's redis-server) and the bucket store (moto's S3 server). Two clients stand for two
+processes: what one writes, the other must see, and a stale writer must be refused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from app.errors import LeaseLost, QueueFull, ResultNotFound, TaskNotFound
+from app.metrics import Metrics
+from app.pipeline.sniff import DocumentKind
+from app.storage.redis_conn import async_client, sync_client
+from app.storage.redis_records import RedisRecords
+from app.storage.s3 import BucketConfig, S3Bucket
+from app.storage.shared import SharedStore
+from app.tasks.events import EventKind, TaskEvent
+from app.tasks.model import Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
+from app.tasks.redis_events import RedisEventHub
+from app.tasks.redis_queue import RedisQueue
+from tests.documents import make_pdf
+from tests.scale_cluster import S3_KEY_ID, S3_SECRET, RedisServer, S3Server
+from tests.servers import wait_for
+from tests.sse import events_path, read_events
+from tests.standins import StandInGpu
+from tests.test_api_e2e import PAGE_1, finished, upload
+
+
+def a_record(**fields: object) -> TaskRecord:
+    values: dict[str, object] = {
+        "source": SourceInfo(filename="a.pdf", content_type="application/pdf", size_bytes=3, pages=2),
+        "options": TaskOptions(),
+        "page_numbers": [1, 2],
+        "input_name": "document.pdf",
+        "input_kind": DocumentKind.PDF,
+        "progress": Progress(pages_total=2),
+    }
+    values.update(fields)
+    return TaskRecord.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def queues(server: RedisServer, count: int, **options: float) -> AsyncIterator[list[RedisQueue]]:
+    """``count`` queues on their own connections, as ``count`` processes would have."""
+    clients = [async_client(server.url) for _ in range(count)]
+    made = [
+        RedisQueue(
+            client,
+            maxsize=int(options.get("maxsize", 10)),
+            visibility_seconds=options.get("visibility", 60),
+            metrics=Metrics(StandInGpu()),
+        )
+        for client in clients
+    ]
+    try:
+        for queue in made:
+            await queue.setup()
+        yield made
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_the_bound_holds_across_replicas_and_a_discard_frees_a_slot(redis_server):
+    async with queues(redis_server, 2, maxsize=2) as (api_a, api_b):
+        first = await api_a.reserve()
+        await (await api_b.reserve()).commit("b" * 32)
+        assert await api_a.depth() == await api_b.depth() == 2
+        with pytest.raises(QueueFull):
+            await api_b.reserve()
+        await first.release()
+        await (await api_a.reserve()).commit("a" * 32)
+        assert await api_b.full()
+        await api_b.discard("a" * 32)  # canceled while waiting
+        assert await api_a.depth() == 1
+        assert await api_a.oldest_age() >= 0
+
+
+async def test_a_task_goes_to_one_worker_and_to_another_only_after_the_first_goes_silent(redis_server):
+    async with queues(redis_server, 3, visibility=0.5) as (api, worker_a, worker_b):
+        await (await api.reserve()).commit("c" * 32)
+        assert await worker_a.get() == "c" * 32
+        assert await api.depth() == 0  # taken: no longer waiting
+        # Renewed within the timeout, it stays worker A's.
+        for _ in range(3):
+            await asyncio.sleep(0.3)
+            assert await worker_a.touch("c" * 32)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(worker_b.get(), timeout=0.4)
+        # A goes silent: B gets it, and A's renewals now fail instead of stealing it back.
+        await asyncio.sleep(0.6)
+        assert await asyncio.wait_for(worker_b.get(), timeout=5) == "c" * 32
+        assert worker_b._metrics.redeliveries._value.get() == 1
+        assert not await worker_a.touch("c" * 32)
+        assert await worker_b.touch("c" * 32)
+        await worker_b.ack("c" * 32)
+        await asyncio.sleep(0.6)
+        with pytest.raises(TimeoutError):  # acknowledged: never delivered again
+            await asyncio.wait_for(worker_a.get(), timeout=1)
+
+
+async def test_tasks_queued_before_any_worker_existed_are_delivered(redis_server):
+    async with queues(redis_server, 1) as (api,):
+        await (await api.reserve()).commit("d" * 32)
+    async with queues(redis_server, 1) as (worker,):
+        assert await asyncio.wait_for(worker.get(), timeout=5) == "d" * 32
+
+
+async def test_queued_tasks_survive_a_redis_restart(redis_server):
+    async with queues(redis_server, 1) as (api,):
+        await (await api.reserve()).commit("e" * 32)
+    redis_server.restart()
+    async with queues(redis_server, 1) as (worker,):
+        assert await asyncio.wait_for(worker.get(), timeout=5) == "e" * 32
+
+
+@pytest.fixture
+def records(redis_server: RedisServer) -> Iterator[tuple[RedisRecords, RedisRecords]]:
+    clients = [sync_client(redis_server.url) for _ in range(2)]
+    yield RedisRecords(clients[0]), RedisRecords(clients[1])
+    for client in clients:
+        client.close()
+
+
+def test_a_stale_lease_cannot_write_the_record(records):
+    api, worker = records
+    record = a_record()
+    api.create(record)
+    with pytest.raises(LeaseLost):
+        api.create(record)  # a task id exists once
+
+    mine = worker.load(record.task_id)
+    mine.lease += 1
+    mine.status = TaskStatus.RUNNING
+    worker.save(mine, expect_lease=0)  # taken
+    stalled = api.load(record.task_id)
+    taken_over = worker.load(record.task_id)
+    taken_over.lease += 1
+    worker.save(taken_over, expect_lease=1)
+
+    mine.progress.pages_done = 2
+    with pytest.raises(LeaseLost):
+        worker.save(mine)  # the stalled worker's progress is refused
+    stalled.status = TaskStatus.CANCELED
+    with pytest.raises(LeaseLost):
+        api.save(stalled)  # as is a cancel decided on a record read before the takeover
+    assert api.load(record.task_id).progress.pages_done == 0
+    assert api.load(record.task_id).lease == 2
+
+    api.request_cancel(record.task_id)
+    assert worker.load(record.task_id).cancel_requested  # seen by the worker, whatever it saves
+    taken_over.progress.pages_done = 1
+    worker.save(taken_over)
+    assert worker.load(record.task_id).cancel_requested
+
+    (summary,) = api.summaries()
+    assert (summary.task_id, summary.status) == (record.task_id, TaskStatus.RUNNING)
+    api.delete(record.task_id)
+    with pytest.raises(TaskNotFound):
+        worker.load(record.task_id)
+    with pytest.raises(TaskNotFound):
+        worker.save(taken_over)  # an expired task is not brought back by a late write
+    assert api.summaries() == []
+
+
+def test_idempotency_entries_are_shared_and_expire_on_their_own(records, redis_server):
+    api_a, api_b = records
+    api_a.write_key("f" * 64, {"task_id": "x", "fingerprint": "y", "created_at": "z"})
+    assert api_b.read_key("f" * 64) == {"task_id": "x", "fingerprint": "y", "created_at": "z"}
+    with redis_server.client() as client:
+        assert 24 * 3600 < client.ttl("dsocr:idem:" + "f" * 64) <= 24 * 3600 + 300
+
+
+async def test_events_published_by_one_process_reach_followers_on_another(redis_server):
+    clients = [async_client(redis_server.url) for _ in range(2)]
+    worker_hub, api_hub = RedisEventHub(clients[0]), RedisEventHub(clients[1])
+    task_id = "a" * 32
+    try:
+        await worker_hub.publish(task_id, TaskEvent(2, EventKind.STATUS, '{"status": "running"}'))
+        follower = api_hub.follow(task_id, 0)
+        assert await anext(follower) == TaskEvent(2, EventKind.STATUS, '{"status": "running"}')
+        pending = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.1)
+        await worker_hub.publish(task_id, TaskEvent(3, EventKind.PAGE, '{"page": 1}'))
+        assert (await asyncio.wait_for(pending, timeout=5)).id == 3
+        with pytest.raises(ValueError, match="not after"):
+            await worker_hub.publish(task_id, TaskEvent(3, EventKind.PAGE, "{}"))
+        await worker_hub.publish(task_id, TaskEvent(4, EventKind.END, '{"status": "succeeded"}'))
+        assert (await anext(follower)).kind is EventKind.END
+        with pytest.raises(StopAsyncIteration):
+            await anext(follower)
+        assert await api_hub.oldest(task_id) == 2
+        assert [event.id async for event in api_hub.follow(task_id, 2)] == [3, 4]  # a reconnect
+        assert await clients[1].ttl(f"dsocr:events:{task_id}") > 0  # dropped a while after the end
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+@pytest.fixture
+def store(redis_server: RedisServer, s3: S3Server, tmp_path: Path) -> Iterator[SharedStore]:
+    client = sync_client(redis_server.url)
+    bucket = S3Bucket(
+        BucketConfig(
+            bucket=s3.bucket,
+            endpoint_url=s3.url,
+            region="us-east-1",
+            access_key_id=S3_KEY_ID,
+            secret_access_key=S3_SECRET,
+            max_attempts=2,
+        )
+    )
+    shared = SharedStore(
+        records=RedisRecords(client),
+        bucket=bucket,
+        prefix="/team-a/",
+        spool_dir=tmp_path / "spool",
+        redirect_seconds=60,
+    )
+    yield shared
+    shared.close()
+    client.close()
+
+
+def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_path):
+    spooled = store.spool_path()
+    spooled.write_bytes(b"%PDF-1.7 fake")
+    record = a_record()
+    store.create(record, spooled)
+    with store.input_file(record) as local:
+        assert local.read_bytes() == b"%PDF-1.7 fake"
+    assert not local.exists()  # the downloaded copy lives as long as the block
+
+    store.write_raw(record.task_id, 1, {"text": "hi", "stop_reason": "eos"})
+    assert store.read_raw(record.task_id, 1) == {"text": "hi", "stop_reason": "eos"}
+    assert store.read_raw(record.task_id, 2) is None
+    with pytest.raises(ResultNotFound):
+        store.open_preview(record.task_id, 1)
+    store.write_preview(record.task_id, 1, Image.new("RGB", (2000, 1000), "white"))
+    with store.open_preview(record.task_id, 1) as preview:
+        assert Image.open(io.BytesIO(preview.read())).size == (1600, 800)
+
+    # Lease 1 stalled; lease 2 took over and finished: what is read is lease 2's, whatever 1 writes.
+    record.lease = 2
+    store.save(record, expect_lease=0)
+    store.write_result(record.task_id, "full.md", b"winner", lease=2)
+    store.write_result(record.task_id, "full.md", b"stale", lease=1)
+    store.write_image(record.task_id, "p0001_01.png", Image.new("RGB", (4, 4), "red"), lease=2)
+    with store.open_result(record.task_id, "full.md") as result:
+        assert result.read() == b"winner"
+    with store.open_result(record.task_id, "images/p0001_01.png") as image:
+        assert Image.open(io.BytesIO(image.read())).getpixel((1, 1)) == (255, 0, 0)
+    with pytest.raises(ResultNotFound):
+        store.open_result(record.task_id, "layout.json")
+    with pytest.raises(ResultNotFound):
+        store.open_result(record.task_id, "../../secrets")
+    keys = s3.keys()
+    assert f"team-a/tasks/{record.task_id}/out/2/full.md" in keys
+    assert f"team-a/tasks/{record.task_id}/input/document.pdf" in keys
+
+    url = store.result_url(record.task_id, "full.md")
+    assert url is not None
+    assert "Signature" in url
+    assert httpx.get(url).content == b"winner"  # the bucket serves it, with no credentials
+
+    store.delete(record.task_id)
+    assert s3.keys(f"team-a/tasks/{record.task_id}/") == {}
+    with pytest.raises(TaskNotFound):
+        store.load(record.task_id)
+
+
+def shared_settings(redis_server: RedisServer, s3: S3Server, **overrides: object) -> dict[str, object]:
+    return {
+        "queue_backend": "redis",
+        "redis_url": redis_server.url,
+        "storage_backend": "s3",
+        "s3_endpoint_url": s3.url,
+        "s3_bucket": s3.bucket,
+        "s3_access_key_id": S3_KEY_ID,
+        "s3_secret_access_key": S3_SECRET,
+        "visibility_timeout_seconds": 3,
+        **overrides,
+    }
+
+
+def test_one_process_on_redis_and_a_bucket_serves_streams_cancels_and_redirects(
+    redis_server, s3, make_server
+):
+    server = make_server(
+        answers=[PAGE_1],
+        page_delay=0.3,
+        ds_batch_size=1,
+        **shared_settings(redis_server, s3, s3_redirect_downloads=True),
+    )
+    client = server.client
+    ready = client.get("/readyz").json()
+    assert (ready["status"], ready["role"], ready["queue_depth"]) == ("ready", "all", 0)
+
+    task_id = upload(client, make_pdf(2, picture_page=None)).json()["task_id"]
+    with client.stream("GET", events_path(task_id)) as response:
+        kinds = [event.event for event in read_events(response)]
+    assert kinds[-1] == "end"
+    assert kinds.count("page") == 2
+    done = finished(client, task_id)
+    assert done["status"] == "succeeded"
+    redirect = client.get(done["links"]["markdown"])
+    assert redirect.status_code == 307
+    assert httpx.get(redirect.headers["location"]).text.startswith("# Page 1 heading")
+    assert client.get(f"/v1/tasks/{task_id}/pages/2").headers["content-type"] == "image/webp"
+    assert client.get(f"/v1/tasks/{task_id}/result.zip").status_code == 200
+
+    slow = upload(client, make_pdf(8, picture_page=None)).json()["task_id"]
+    wait_for(lambda: client.get(f"/v1/tasks/{slow}").json()["progress"]["pages_done"] >= 1, timeout=60)
+    assert client.delete(f"/v1/tasks/{slow}").status_code == 200
+    canceled = finished(client, slow)
+    assert canceled["status"] == "canceled"
+    assert canceled["progress"]["pages_done"] < 8
+    listed = {task["task_id"]: task["status"] for task in client.get("/v1/tasks").json()["tasks"]}
+    assert listed == {task_id: "succeeded", slow: "canceled"}
+    metrics = client.get("/metrics").text
+    assert 'dsocr_queue_depth{role="all"} 0.0' in metrics
+    assert 'dsocr_redeliveries_total{role="all"} 0.0' in metrics
