@@ -17,20 +17,17 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import redis
-from moto.server import ThreadedMotoServer
 
+from tests.s3_server import KEY_ID, SECRET, MotoS3
 from tests.servers import REPO, LoopbackProcess, ProcessServer, wait_for
 
 REDIS_SERVER = shutil.which("redis-server") or next(
@@ -38,8 +35,6 @@ REDIS_SERVER = shutil.which("redis-server") or next(
 )
 API_KEY = "sk_test"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-S3_KEY_ID = "testing"
-S3_SECRET = "testing"
 TERMINAL = ("succeeded", "failed", "canceled")
 _SUCCEEDED = re.compile(r"task ([0-9a-f]{32}) succeeded")
 
@@ -91,44 +86,25 @@ class RedisServer(LoopbackProcess):
         return self.start()
 
 
-class S3Server:
-    """moto's S3 server on 127.0.0.1 with one bucket, and a boto3 client to inspect it."""
+class S3Server(MotoS3):
+    """moto's S3 server with one bucket, the one a deployment stores its tasks in."""
 
     def __init__(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id=S3_KEY_ID,
-            aws_secret_access_key=S3_SECRET,
-        )
-        self.bucket = f"dsocr-{uuid.uuid4().hex[:12]}"
-        self.client.create_bucket(Bucket=self.bucket)
+        super().__init__()
+        self.bucket_name = self.bucket()
 
-    def keys(self, prefix: str = "") -> dict[str, str]:
-        """Every object under ``prefix``: its key and ETag."""
-        found: dict[str, str] = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                found[obj["Key"]] = obj["ETag"]
-        return found
+    def objects(self, prefix: str = "") -> dict[str, str]:
+        """Every object of the bucket under ``prefix``: its key and ETag."""
+        return self.keys(self.bucket_name, prefix)
 
     def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-
-    def close(self) -> None:
-        self.client.close()
-        self._server.stop()
+        return self.client.get_object(Bucket=self.bucket_name, Key=key)["Body"].read()
 
 
 def result_keys(s3: S3Server, task_id: str, name: str = "full.md") -> list[str]:
     """The keys of ``name`` in every result directory of a task: ``tasks/<id>/out/<lease>/<name>``."""
     prefix = f"tasks/{task_id}/out/"
-    return sorted(key for key in s3.keys(prefix) if key.endswith(f"/{name}") and key.count("/") == 4)
+    return sorted(key for key in s3.objects(prefix) if key.endswith(f"/{name}") and key.count("/") == 4)
 
 
 class Node(ProcessServer):
@@ -155,6 +131,16 @@ class Node(ProcessServer):
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
         self.paused = True
+        wait_for(self.stopped, timeout=10)
+
+    def stopped(self) -> bool:
+        """Whether the process is in the stopped state (``T`` in /proc)."""
+        assert self.process is not None
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
     def resume(self) -> None:
         """SIGCONT: it goes on as if nothing happened."""
@@ -220,10 +206,10 @@ class Cluster:
             "APP_REDIS_URL": redis_server.url,
             "APP_STORAGE_BACKEND": "s3",
             "APP_S3_ENDPOINT_URL": s3.url,
-            "APP_S3_BUCKET": s3.bucket,
+            "APP_S3_BUCKET": s3.bucket_name,
             "APP_S3_REGION": "us-east-1",
-            "APP_S3_ACCESS_KEY_ID": S3_KEY_ID,
-            "APP_S3_SECRET_ACCESS_KEY": S3_SECRET,
+            "APP_S3_ACCESS_KEY_ID": KEY_ID,
+            "APP_S3_SECRET_ACCESS_KEY": SECRET,
             "APP_S3_ADDRESSING_STYLE": "path",
             "APP_VISIBILITY_TIMEOUT_SECONDS": "5",
             "APP_DS_DTYPE": "float32",
@@ -338,12 +324,3 @@ def listed_tasks(client: httpx.Client) -> Iterator[tuple[str, str]]:
         cursor = body["next_cursor"]
         if not cursor:
             return
-
-
-def is_stopped(process: subprocess.Popen[bytes]) -> bool:
-    """Whether the process is in the stopped state (``T`` in /proc)."""
-    try:
-        stat = Path(f"/proc/{process.pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")

@@ -246,6 +246,7 @@ def test_metrics_count_tasks_by_route_template(make_server):
     server = make_server(answers=[PAGE_1])
     view = upload(server.client, make_pdf(2, picture_page=None)).json()
     finished(server.client, view["task_id"])
+    assert server.client.get("/ui/app.js").status_code == 200
     text = server.client.get("/metrics").text
     assert 'dsocr_tasks_finished_total{status="succeeded"} 1.0' in text
     assert "dsocr_task_duration_seconds_bucket" in text
@@ -255,6 +256,7 @@ def test_metrics_count_tasks_by_route_template(make_server):
     assert re.search(
         r'dsocr_http_requests_total\{method="GET",route="/v1/tasks/\{task_id\}",status="200"\}', text
     )
+    assert 'dsocr_http_requests_total{method="GET",route="/ui",status="200"} 1.0' in text  # the mount
     assert 'dsocr_queue_depth{role="all"} 0.0' in text
     assert "dsocr_tasks_running 0.0" in text
     assert view["task_id"] not in text

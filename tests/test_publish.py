@@ -12,16 +12,13 @@ import logging
 import os
 import subprocess
 import sys
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
 from app.config import Settings
@@ -31,44 +28,13 @@ from app.storage.local import LocalStore
 from app.storage.publish import BucketPublisher, LinkPublisher, publisher_from_settings
 from app.tasks.model import SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from tests.documents import PICTURE_RECT, make_pdf, norm_box
+from tests.s3_server import KEY_ID, SECRET, MotoS3
 from tests.servers import REPO, wait_for
 
-KEY_ID = "AKIDTESTPUBLISH"
-SECRET = "s3-secret-never-shown-0123456789"
 PICTURE_PAGE = (
     f"<|ref|>image<|/ref|><|det|>[{norm_box(PICTURE_RECT)}]<|/det|>\n\n"
     "<|ref|>image_caption<|/ref|><|det|>[[168, 600, 672, 630]]<|/det|>\nFigure 1."
 )
-
-
-class MotoS3:
-    """moto's S3 server on 127.0.0.1 and a boto3 client to inspect what the service uploaded."""
-
-    def __init__(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id=KEY_ID,
-            aws_secret_access_key=SECRET,
-        )
-
-    def bucket(self, create: bool = True) -> str:
-        name = f"results-{uuid.uuid4().hex[:12]}"
-        if create:
-            self.client.create_bucket(Bucket=name)
-        return name
-
-    def stop(self) -> None:
-        self._server.stop()  # werkzeug closes the listening socket: connections are refused from now on
-
-    def close(self) -> None:
-        self.client.close()
-        self.stop()
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from app.tasks.model import Progress, SourceInfo, TaskOptions, TaskRecord, TaskS
 from app.tasks.redis_events import RedisEventHub
 from app.tasks.redis_queue import RedisQueue
 from tests.documents import make_pdf
-from tests.scale_cluster import S3_KEY_ID, S3_SECRET, RedisServer, S3Server
+from tests.s3_server import KEY_ID, SECRET
+from tests.scale_cluster import RedisServer, S3Server
 from tests.servers import wait_for
 from tests.sse import events_path, read_events
 from tests.standins import StandInGpu
@@ -170,12 +173,26 @@ def test_a_stale_lease_cannot_write_the_record(records):
     assert api.summaries() == []
 
 
-def test_idempotency_entries_are_shared_and_expire_on_their_own(records, redis_server):
+def test_idempotency_entries_are_shared_locked_across_replicas_and_expire(records, redis_server):
     api_a, api_b = records
     api_a.write_key("f" * 64, {"task_id": "x", "fingerprint": "y", "created_at": "z"})
     assert api_b.read_key("f" * 64) == {"task_id": "x", "fingerprint": "y", "created_at": "z"}
     with redis_server.client() as client:
         assert 24 * 3600 < client.ttl("dsocr:idem:" + "f" * 64) <= 24 * 3600 + 300
+
+    order: list[str] = []
+
+    def second_replica() -> None:
+        with api_b.key_lock("f" * 64):
+            order.append("b")
+
+    with api_a.key_lock("f" * 64):
+        waiter = threading.Thread(target=second_replica)
+        waiter.start()
+        time.sleep(0.3)
+        order.append("a")  # B is still waiting for A's lock
+    waiter.join(timeout=10)
+    assert order == ["a", "b"]
 
 
 async def test_events_published_by_one_process_reach_followers_on_another(redis_server):
@@ -209,11 +226,11 @@ def store(redis_server: RedisServer, s3: S3Server, tmp_path: Path) -> Iterator[S
     client = sync_client(redis_server.url)
     bucket = S3Bucket(
         BucketConfig(
-            bucket=s3.bucket,
+            bucket=s3.bucket_name,
             endpoint_url=s3.url,
             region="us-east-1",
-            access_key_id=S3_KEY_ID,
-            secret_access_key=S3_SECRET,
+            access_key_id=KEY_ID,
+            secret_access_key=SECRET,
             max_attempts=2,
         )
     )
@@ -261,7 +278,7 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
         store.open_result(record.task_id, "layout.json")
     with pytest.raises(ResultNotFound):
         store.open_result(record.task_id, "../../secrets")
-    keys = s3.keys()
+    keys = s3.objects()
     assert f"team-a/tasks/{record.task_id}/out/2/full.md" in keys
     assert f"team-a/tasks/{record.task_id}/input/document.pdf" in keys
 
@@ -271,7 +288,7 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
     assert httpx.get(url).content == b"winner"  # the bucket serves it, with no credentials
 
     store.delete(record.task_id)
-    assert s3.keys(f"team-a/tasks/{record.task_id}/") == {}
+    assert s3.objects(f"team-a/tasks/{record.task_id}/") == {}
     with pytest.raises(TaskNotFound):
         store.load(record.task_id)
 
@@ -282,9 +299,9 @@ def shared_settings(redis_server: RedisServer, s3: S3Server, **overrides: object
         "redis_url": redis_server.url,
         "storage_backend": "s3",
         "s3_endpoint_url": s3.url,
-        "s3_bucket": s3.bucket,
-        "s3_access_key_id": S3_KEY_ID,
-        "s3_secret_access_key": S3_SECRET,
+        "s3_bucket": s3.bucket_name,
+        "s3_access_key_id": KEY_ID,
+        "s3_secret_access_key": SECRET,
         "visibility_timeout_seconds": 3,
         **overrides,
     }

@@ -30,10 +30,12 @@ class HttpMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        # Matched before the app runs: routing rewrites the scope of a request into a mount (/ui).
+        path, root_path = scope["path"], scope.get("root_path", "")
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = _route_template(scope)
+            route = _route_template({**scope, "path": path, "root_path": root_path})
             method = scope["method"]
             self.metrics.http_requests.labels(method, route, str(status)).inc()
             self.metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)

@@ -92,6 +92,10 @@ class TaskStore(Protocol):
     def key_names(self) -> list[str]:
         """Entries to check for expiry (a store that expires them itself returns none)."""
 
+    def key_lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Hold entry ``name`` against other processes while a request finds or creates its task
+        (blocking). One process needs nothing here: ``IdempotencyKeys`` serialises its own requests."""
+
     # --- the pipeline's files ---
 
     def input_file(self, record: TaskRecord) -> contextlib.AbstractContextManager[Path]:

@@ -184,6 +184,9 @@ class LocalStore:
     def delete_key(self, name: str) -> None:
         self._key_path(name).unlink(missing_ok=True)
 
+    def key_lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the only process: IdempotencyKeys' own lock is enough
+
     def key_names(self) -> list[str]:
         return [path.stem for path in self._keys.glob("*.json") if KEY_NAME.match(path.stem)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -29,25 +30,22 @@ CONNECT_TIMEOUT_SECONDS = 2
 LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+# Both clients: a dropped connection or a timeout is retried with backoff before a caller sees it.
+_OPTIONS: dict[str, Any] = {
+    "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+    "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+    "health_check_interval": 30,
+}
+
+
 def sync_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(**BACKOFF), RETRIES),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_timeout=SOCKET_TIMEOUT_SECONDS,
-        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        health_check_interval=30,
-    )
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(**BACKOFF), RETRIES), **_OPTIONS)
 
 
 def async_client(url: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_url(
-        url,
-        retry=AsyncRetry(ExponentialBackoff(**BACKOFF), RETRIES),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_timeout=SOCKET_TIMEOUT_SECONDS,
-        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        health_check_interval=30,
+        url, retry=AsyncRetry(ExponentialBackoff(**BACKOFF), RETRIES), **_OPTIONS
     )
 
 

@@ -17,6 +17,7 @@ Blocking (redis-py's synchronous client); callers on the event loop use threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -24,7 +25,7 @@ from typing import Any, cast
 
 import redis
 
-from app.errors import LeaseLost, TaskNotFound
+from app.errors import LeaseLost, ServiceUnavailable, TaskNotFound
 from app.storage.base import RecordSummary, summary_of
 from app.storage.redis_conn import translated
 from app.tasks.idempotency import KEY_TTL
@@ -32,6 +33,7 @@ from app.tasks.model import TASK_ID_PATTERN, TaskRecord, TaskStatus
 
 PREFIX = "dsocr:"
 SUMMARIES = f"{PREFIX}summaries"
+KEY_LOCK_SECONDS = 120  # longer than storing any upload takes
 
 # KEYS: task hash, summaries. ARGV: expected lease ("" when creating), record JSON, new lease,
 # task id, summary JSON. Returns 1 (written), 0 (the stored lease differs), -1 (no such task).
@@ -163,6 +165,22 @@ class RedisRecords:
         ttl = KEY_TTL + timedelta(minutes=5)
         with translated("writing an idempotency key"):
             self._redis.set(f"{PREFIX}idem:{name}", json.dumps(entry), ex=ttl)
+
+    @contextlib.contextmanager
+    def key_lock(self, name: str) -> Iterator[None]:
+        """A Redis lock on entry ``name``, so that two replicas given the same key at once make one
+        task; it lapses after ``KEY_LOCK_SECONDS`` if its holder dies."""
+        lock = self._redis.lock(
+            f"{PREFIX}idem-lock:{name}", timeout=KEY_LOCK_SECONDS, blocking_timeout=KEY_LOCK_SECONDS
+        )
+        with translated("locking an idempotency key"):
+            if not lock.acquire():
+                raise ServiceUnavailable("another request with this Idempotency-Key is still being created")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.RedisError):  # lapsed already: nothing to release
+                lock.release()
 
     def delete_key(self, name: str) -> None:
         with translated("deleting an idempotency key"):

@@ -168,6 +168,9 @@ class SharedStore:
     def key_names(self) -> list[str]:
         return []  # Redis expires the entries itself
 
+    def key_lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self._records.key_lock(name)
+
     # --- the pipeline's files ---
 
     @contextlib.contextmanager

@@ -6,9 +6,10 @@ URL and the options. The same key with the same fingerprint finds the first task
 fingerprint it is refused (``IdempotencyKeyReused``): answering with a task made from another
 document would be wrong, and making a second task would break the key's promise.
 
-Entries are files in the data directory (``LocalStore.read_key``...), named by a hash of owner and
-key, so they survive restarts and never hold the key itself. Requests with one key are serialised
-in this process, so two concurrent retries cannot both create a task.
+Entries live in the store (files in the data directory; Redis keys in the scale-out mode), named by
+a hash of owner and key, so they survive restarts and never hold the key itself. Requests with one
+key are serialised in this process and, through the store's ``key_lock``, across API replicas, so
+two concurrent retries cannot both create a task.
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ class IdempotencyKeys:
         self._waiting[name] = self._waiting.get(name, 0) + 1
         try:
             async with lock:
-                yield
+                held = self._store.key_lock(name)  # and against other API replicas
+                await asyncio.to_thread(held.__enter__)
+                try:
+                    yield
+                finally:
+                    await asyncio.to_thread(held.__exit__, None, None, None)
         finally:
             self._waiting[name] -= 1
             if not self._waiting[name]:
