@@ -9,16 +9,21 @@ Every page goes the whole way: upload, Redis queue, render, recognise over HTTP,
 and results to S3, record and events in Redis.
 
 What limits it on a 2-core machine: everything shares the two cores, and the model server is
-serial. ``transformers serve`` runs ``generate()`` for one request at a time on one thread, so a
-second worker adds no model throughput; what it adds is overlap: its rendering, PNG encoding, S3
-writes, record saves and the gap between one task and the next happen while the other worker's
-pages are in the model. The ratio therefore measures how much of a page's wall time was the
-service's and not the model's (1.5x: the model sat idle about a third of the time with one worker).
-Against a GPU ``vllm serve`` that batches, workers add pages in flight and the ratio follows the
-server's batching headroom. The tiny model almost never says eos, so every page costs
-``--max-tokens`` tokens.
+serial. ``transformers serve`` runs ``generate()`` for one request at a time and takes about a core
+and a half while it does, so a second worker adds no model throughput and its own work (rendering,
+preview and PNG encoding, S3 writes, record saves) competes with the model for the same cores.
+Measured on a quiet machine: 1.43-1.45 pages/s with one worker, 1.35-1.37 with two (0.93-0.96x).
+The mode is for workers on other machines beside a batching ``vllm serve`` pool; there workers add
+pages in flight and the ratio follows the servers' batching headroom (``bench/concurrency.py``
+shows 3.9x at 4 requests in flight against a batching server). The tiny model almost never says
+eos, so every page costs ``--max-tokens`` tokens.
+
+``--fake-latency S`` replaces the model server with a scripted ideal one that answers every page in
+S seconds however many it holds: then what a worker can have in flight (``--concurrency``) is the
+limit, and a second worker should double the pages per second, minus the service's own overhead.
 
     python -m bench.scale                               # 24 pages as 6 tasks, 1 and 2 workers
+    python -m bench.scale --fake-latency 1 --concurrency 2   # an ideal batching server instead
     python -m bench.scale --pages 16 --tasks 4 --max-tokens 16
     python -m bench.scale --url http://gpu-box:8000 --max-tokens 2048 --workers 1,2,4
 """
@@ -40,7 +45,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import httpx  # after the environment above
 
 from tests.documents import make_pdf
-from tests.openai_servers import TransformersServe
+from tests.openai_servers import FakeOpenAI, Reply, TransformersServe, completion
 from tests.scale_cluster import Cluster, RedisServer, S3Server, submit, wait_until_ended
 from tests.tiny_model import build_tiny_ocr2
 
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--workers", default="1,2", help="comma-separated, increasing; the first is the base")
     parser.add_argument("--concurrency", type=int, default=16, help="APP_VLLM_CONCURRENCY of each worker")
+    parser.add_argument("--fake-latency", type=float, help="seconds per page of a scripted ideal server")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     documents = [make_pdf(n, picture_page=None) for n in split(args.pages, args.tasks)]
@@ -99,7 +105,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dsocr-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         url, where = args.url, args.url
-        if url is None:
+        if args.fake_latency is not None:
+            latency = args.fake_latency
+            fake = FakeOpenAI(respond=lambda body: Reply(completion("text", "length"), delay=latency))
+            stack.callback(fake.close)
+            url, where = fake.url, f"a scripted ideal server ({latency:g} s a page, any number at once)"
+        elif url is None:
             serve = TransformersServe(build_tiny_ocr2(work / "tiny-ocr2"), work).start()
             stack.callback(serve.stop)
             print(f"starting transformers serve with the tiny model at {serve.url} ...", flush=True)
@@ -132,7 +143,7 @@ def main() -> None:
             runs.append(run_once(client, documents, args.pages, count))
     print(
         f"\n{args.pages} pages as {args.tasks} tasks, {args.max_tokens} tokens per page, {where}, "
-        f"{os.cpu_count()} CPUs\n"
+        f"{args.concurrency} in flight per worker, {os.cpu_count()} CPUs\n"
     )
     print(table(runs))
 
