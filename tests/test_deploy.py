@@ -42,10 +42,12 @@ COMPOSE_COMBINATIONS = {
     "vllm+monitoring": ("docker-compose.vllm.yml", "docker-compose.monitoring.yml"),
 }
 SCALE_COMPOSE = "docker-compose.scale.yml"
+SCALE_MONITORING_COMPOSE = "docker-compose.scale-monitoring.yml"
 NGINX_CONFIG = REPO / "deploy" / "compose" / "nginx.conf"
 CHART = REPO / "deploy" / "helm" / "dsocr"
 WORKFLOW = REPO / ".github" / "workflows" / "docker.yml"
 PROMETHEUS_CONFIG = REPO / "monitoring" / "prometheus.yml"
+SCALE_PROMETHEUS_CONFIG = REPO / "monitoring" / "prometheus.scale.yml"
 GRAFANA = REPO / "monitoring" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "dsocr-overview.json"
 # vLLM's DeepSeek-OCR recipe: its n-gram logits processor, no prefix or multimodal caching.
@@ -230,11 +232,12 @@ def test_compose_combination_is_valid(files: tuple[str, ...]) -> None:
         )
         assert vllm["image"] == f"vllm/vllm-openai:{vllm_version.split('=', 1)[1]}"
     if "docker-compose.monitoring.yml" in files:
-        check_monitoring_wiring(services, port)
+        scrape = check_monitoring_wiring(services, PROMETHEUS_CONFIG)
+        assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"dsocr:{port}"]
 
 
-def check_monitoring_wiring(services: dict[str, Any], port: int) -> None:
-    """Prometheus scrapes the dsocr service; Grafana finds Prometheus, its provisioning and the dashboard."""
+def check_monitoring_wiring(services: dict[str, Any], config: Path) -> dict[str, Any]:
+    """Prometheus runs ``config`` (returned, loaded); Grafana finds Prometheus, provisioning, dashboard."""
     prometheus, grafana = services["prometheus"], services["grafana"]
     mounts = {
         m["target"]: Path(m["source"])
@@ -243,9 +246,8 @@ def check_monitoring_wiring(services: dict[str, Any], port: int) -> None:
         if m["type"] == "bind"
     }
     assert all(source.exists() for source in mounts.values())
-    assert mounts["/etc/prometheus/prometheus.yml"] == PROMETHEUS_CONFIG
-    scrape = load_yaml(PROMETHEUS_CONFIG)
-    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"dsocr:{port}"]
+    assert mounts["/etc/prometheus/prometheus.yml"] == config
+    scrape = load_yaml(config)
 
     (datasource,) = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
     assert datasource["url"] == "http://prometheus:9090"
@@ -259,6 +261,8 @@ def check_monitoring_wiring(services: dict[str, Any], port: int) -> None:
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     assert [p["target"] for p in grafana["ports"]] == [3000]
+    assert "prometheus" in grafana["depends_on"]
+    return scrape
 
 
 def settings_from_environment(
@@ -360,6 +364,64 @@ def test_scale_compose_wires_api_replicas_workers_redis_and_s3(
     assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
     check_load_balancer(services["lb"], port=int(api["environment"]["APP_PORT"]))
+
+
+def waits_for(services: dict[str, Any], name: str) -> set[str]:
+    """Every service that ``name`` waits for, directly or through another one."""
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        for dependency in services[todo.pop()].get("depends_on", {}):
+            if dependency not in found:
+                found.add(dependency)
+                todo.append(dependency)
+    return found
+
+
+def test_scale_compose_with_monitoring_scrapes_every_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINIO_ROOT_PASSWORD", "compose-test-password")
+    files = (SCALE_COMPOSE, SCALE_MONITORING_COMPOSE)
+    run("docker-compose", *(a for f in files for a in ("-f", f)), "config", "-q")
+    services = compose_config(files)["services"]
+    scrape = check_monitoring_wiring(services, SCALE_PROMETHEUS_CONFIG)
+
+    # The service's processes (the API replicas and the workers) each answer /metrics on APP_PORT.
+    dsocr = {name: s for name, s in services.items() if "APP_ROLE" in s.get("environment", {})}
+    assert set(dsocr) == {"api", "worker"}
+    # One job per service (the job label tells them apart, as the chart's ServiceMonitor does), and
+    # nothing else: not the load balancer, which would show one replica at a time.
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert set(jobs) == set(dsocr)
+    for name, job in jobs.items():
+        assert job["metrics_path"] == "/metrics"
+        assert "static_configs" not in job
+        # Type A on the service's name: Docker's embedded DNS answers with every replica's address,
+        # so each replica is a target, and `--scale` changes show up at the next refresh.
+        (discovery,) = job["dns_sd_configs"]
+        assert discovery["names"] == [name]
+        assert discovery["type"] == "A"
+        assert discovery["port"] == int(dsocr[name]["environment"]["APP_PORT"])
+        assert discovery["refresh_interval"] == scrape["global"]["scrape_interval"]
+        # The queue and worker metrics carry the process's own `role`: a target label of that name
+        # would push it aside (exported_role).
+        assert all(rule.get("target_label") != "role" for rule in job.get("relabel_configs", []))
+
+    # Prometheus starts with the API replicas, not after vLLM's first start (up to 30 min): the
+    # workers wait for it, and DNS finds them when they come up.
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["depends_on"]["api"]["condition"] == "service_started"
+    assert "vllm" not in waits_for(services, "prometheus")
+    assert "vllm" not in waits_for(services, "grafana")
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"lb", "prometheus", "grafana"}
+    # The single-process overlay's two services, only the Prometheus configuration differs.
+    single = compose_config(COMPOSE_COMBINATIONS["cpu+monitoring"])["services"]
+    for name, service in (("prometheus", prometheus), ("grafana", grafana)):
+        for key in ("image", "command", "environment", "ports", "restart"):
+            assert service.get(key) == single[name].get(key), f"{name}: {key}"
+        assert [v for v in service["volumes"] if v["type"] == "volume"] == [
+            v for v in single[name]["volumes"] if v["type"] == "volume"
+        ]
 
 
 def nginx_directives(text: str) -> list[tuple[str, list[str], list[Any]]]:
@@ -954,8 +1016,9 @@ def test_workflow_tests_then_pushes_every_image() -> None:
 # --- monitoring ----------------------------------------------------------------------------------
 
 
-def test_prometheus_config_passes_promtool() -> None:
-    run("promtool", "check", "config", PROMETHEUS_CONFIG)
+@pytest.mark.parametrize("config", [PROMETHEUS_CONFIG, SCALE_PROMETHEUS_CONFIG], ids=["one", "scale"])
+def test_prometheus_config_passes_promtool(config: Path) -> None:
+    run("promtool", "check", "config", config)
 
 
 def dashboard_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -978,3 +1041,26 @@ def test_dashboard_queries_prometheus_on_every_panel() -> None:
         for reference in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
             assert reference == {"type": "prometheus", "uid": datasource["uid"]}
         assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+
+
+# How the dashboard must aggregate a metric that several processes report (README "Scaling out"):
+# every API replica and worker reports the one shared queue, so summing would count it once per
+# process; each worker reports its own loops and tasks, which add up.
+SCALE_OUT_AGGREGATIONS = {
+    "dsocr_queue_depth": "max",
+    "dsocr_queue_oldest_age_seconds": "max",
+    "dsocr_workers_alive": "sum",
+    "dsocr_tasks_running": "sum",
+}
+
+
+def test_dashboard_counts_each_process_once() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [target["expr"] for panel in dashboard_panels(dashboard) for target in panel["targets"]]
+    for metric, aggregation in SCALE_OUT_AGGREGATIONS.items():
+        uses = [(e, m.start()) for e in expressions for m in re.finditer(rf"\b{metric}\b", e)]
+        assert uses, f"no panel shows {metric}"
+        for expression, start in uses:
+            assert re.search(rf"\b{aggregation}(\s+by\s*\([^)]*\))?\s*\(\s*$", expression[:start]), (
+                f"{metric} needs {aggregation}(): {expression}"
+            )

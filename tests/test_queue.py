@@ -21,6 +21,7 @@ async def test_bound_counts_reservations_and_waiting_tasks():
     assert await queue.depth() == 1
     await queue.requeue("recovered")  # recovery is never refused, even past the bound
     assert await queue.depth() == 2
+    assert [await queue.position("b"), await queue.position("recovered")] == [1, 2]
     assert [await queue.get(), await queue.get()] == ["b", "recovered"]
 
 

@@ -223,8 +223,11 @@ def test_the_queue_bound_holds_across_api_replicas(make_cluster):
     cluster = make_cluster(APP_QUEUE_MAX=2).start(apis=2, workers=0)
     clients = [cluster.client(0), cluster.client(1)]
     document = make_pdf(1, picture_page=None)
-    submit(clients[0], document)
-    submit(clients[1], document)
+    first = submit(clients[0], document)
+    second = submit(clients[1], document)
+    # Positions come from the shared queue, whichever replica is asked.
+    assert view(clients[1], first)["queue_position"] == 1
+    assert view(clients[0], second)["queue_position"] == 2
     for client in clients:
         refused = client.post("/v1/tasks/upload", files={"file": ("third.pdf", document)})
         assert refused.status_code == 429, refused.text

@@ -81,6 +81,7 @@ async def test_the_bound_holds_across_replicas_and_a_discard_frees_a_slot(redis_
         await first.release()
         await (await api_a.reserve()).commit("a" * 32)
         assert await api_b.full()
+        assert [await api_b.position("b" * 32), await api_b.position("a" * 32)] == [1, 2]
         await api_b.discard("a" * 32)  # canceled while waiting
         assert await api_a.depth() == 1
         assert await api_a.oldest_age() >= 0
@@ -91,6 +92,7 @@ async def test_a_task_goes_to_one_worker_and_to_another_only_after_the_first_goe
         await (await api.reserve()).commit("c" * 32)
         assert await worker_a.get() == "c" * 32
         assert await api.depth() == 0  # taken: no longer waiting
+        assert await api.position("c" * 32) is None
         # Renewed within the timeout, it stays worker A's.
         for _ in range(3):
             await asyncio.sleep(0.3)

@@ -114,11 +114,11 @@ def _fetcher(url: str, tasks: TaskService, settings: Settings) -> Callable[[], A
     )
 
 
-def _accepted(tasks: TaskService, created: Created, response: Response) -> TaskView:
+async def _accepted(tasks: TaskService, created: Created, response: Response) -> TaskView:
     if created.replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
-    return tasks.view(created.record)
+    return await tasks.view(created.record)
 
 
 @router.post(
@@ -140,7 +140,7 @@ async def upload_task(
     """Upload a PDF or image (multipart field ``file``) and queue it for OCR."""
     received, options = await _receive_upload(request, tasks, settings)
     created = await tasks.create_from_upload(received, options, owner=caller, idempotency_key=idempotency_key)
-    return _accepted(tasks, created, response)
+    return await _accepted(tasks, created, response)
 
 
 @router.post(
@@ -164,7 +164,7 @@ async def create_task(
     created = await tasks.create_from_url(
         str(body.url), body.options, fetch, owner=caller, idempotency_key=idempotency_key
     )
-    return _accepted(tasks, created, response)
+    return await _accepted(tasks, created, response)
 
 
 @router.get("", response_model=TaskList, responses=_ERRORS)
@@ -191,13 +191,13 @@ async def read_task(
     ] = 0,
 ) -> TaskView:
     """Read a task's status, progress and links; with ``wait``, once it ends (or the wait is over)."""
-    return tasks.view(await tasks.wait(task_id, owner=caller, seconds=wait))
+    return await tasks.view(await tasks.wait(task_id, owner=caller, seconds=wait))
 
 
 @router.delete("/{task_id}", response_model=TaskView, responses=_ERRORS)
 async def cancel_task(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> TaskView:
     """Cancel a queued task, or a running one at its next page."""
-    return tasks.view(await tasks.cancel(task_id, caller))
+    return await tasks.view(await tasks.cancel(task_id, caller))
 
 
 @router.get(
@@ -360,7 +360,8 @@ async def convert_document(
     if record.status is TaskStatus.SUCCEEDED:
         return await _result(tasks, record.task_id, "result.json", caller, headers)
     code = status.HTTP_200_OK if record.status.is_final else status.HTTP_202_ACCEPTED
-    return JSONResponse(tasks.view(record).model_dump(mode="json", by_alias=True), code, headers)
+    view = await tasks.view(record)
+    return JSONResponse(view.model_dump(mode="json", by_alias=True), code, headers)
 
 
 async def _create_any(

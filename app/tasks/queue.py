@@ -56,6 +56,9 @@ class TaskQueue(Protocol):
     async def discard(self, task_id: str) -> None:
         """Drop a waiting task (canceled): it no longer counts toward the bound."""
 
+    async def position(self, task_id: str) -> int | None:
+        """Where a waiting task is in the queue (1: the next to start); ``None`` when it is not waiting."""
+
     async def depth(self) -> int:
         """Tasks waiting, reservations included."""
 
@@ -133,6 +136,11 @@ class MemoryQueue:
     async def discard(self, task_id: str) -> None:
         if self._waiting.pop(task_id, None) is not None:  # a task handed to a worker is its to skip
             self._discarded.add(task_id)
+
+    async def position(self, task_id: str) -> int | None:
+        if task_id not in self._waiting:
+            return None
+        return list(self._waiting).index(task_id) + 1  # insertion order is queue order
 
     async def depth(self) -> int:
         return self._items.qsize() - len(self._discarded) + self._reserved

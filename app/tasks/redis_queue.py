@@ -195,6 +195,11 @@ class RedisQueue:
         with translated(f"discarding task {task_id}"):
             await self._redis.zrem(QUEUED, task_id)
 
+    async def position(self, task_id: str) -> int | None:
+        with translated("reading the queue"):
+            rank = await self._redis.zrank(QUEUED, task_id)
+        return None if rank is None else int(rank) + 1
+
     async def depth(self) -> int:
         with translated("reading the queue depth"):
             async with self._redis.pipeline(transaction=False) as pipe:

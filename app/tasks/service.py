@@ -44,7 +44,7 @@ from app.tasks.estimates import QueueBoard
 from app.tasks.events import EventHub, EventKind, TaskEvent
 from app.tasks.followups import FollowUps
 from app.tasks.idempotency import IdempotencyKeys, fingerprint
-from app.tasks.model import Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
+from app.tasks.model import Progress, QueueEstimate, SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from app.tasks.queue import TaskQueue
 
 log = logging.getLogger(__name__)
@@ -252,13 +252,20 @@ class TaskService:
             raise TaskNotFound(f"no task {task_id!r}")
         return record
 
-    def view(self, record: TaskRecord) -> TaskView:
-        """The task view of ``record``, with its queue position and estimates while it is queued."""
+    async def view(self, record: TaskRecord) -> TaskView:
+        """The task view of ``record``, with its queue position and estimates while it is queued.
+
+        With a shared queue the position comes from the queue itself and there are no estimates:
+        the board that makes them sees the tasks of this process only, while starts and ends
+        happen in the workers.
+        """
         estimate = None
-        # The board sees the tasks of this process only: with a shared queue, starts and ends
-        # happen in the workers, so it would be wrong and shows nothing instead.
-        if record.status is TaskStatus.QUEUED and not self.queue.durable:
-            estimate = self._board.estimate(record.task_id, datetime.now(UTC))
+        if record.status is TaskStatus.QUEUED:
+            if self.queue.durable:
+                position = await self.queue.position(record.task_id)
+                estimate = QueueEstimate(position, None, None) if position is not None else None
+            else:
+                estimate = self._board.estimate(record.task_id, datetime.now(UTC))
         return TaskView.from_record(record, estimate)
 
     async def list_tasks(
@@ -281,7 +288,7 @@ class TaskService:
         page = keys[:limit]
         records = await asyncio.to_thread(self._load_existing, [task_id for _, task_id in page])
         next_cursor = f"{page[-1][0]}_{page[-1][1]}" if len(keys) > limit else None
-        return TaskList(tasks=[self.view(record) for record in records], next_cursor=next_cursor)
+        return TaskList(tasks=[await self.view(record) for record in records], next_cursor=next_cursor)
 
     def _load_existing(self, task_ids: list[str]) -> list[TaskRecord]:
         records = []
@@ -359,7 +366,8 @@ class TaskService:
         missed = after is None or (record.last_event_id > after and (oldest is None or oldest > after + 1))
         if missed:
             kind = EventKind.END if record.status.is_final else EventKind.STATUS
-            yield TaskEvent(record.last_event_id, kind, self.view(record).model_dump_json(by_alias=True))
+            view = await self.view(record)
+            yield TaskEvent(record.last_event_id, kind, view.model_dump_json(by_alias=True))
             if kind is EventKind.END:
                 return
             after = record.last_event_id
@@ -386,7 +394,7 @@ class TaskService:
         elif record.status is TaskStatus.RUNNING and kind is EventKind.STATUS:
             self._board.started(record.task_id)
         if data is None:
-            data = self.view(record).model_dump_json(by_alias=True)
+            data = (await self.view(record)).model_dump_json(by_alias=True)
         await asyncio.shield(asyncio.to_thread(self.store.save, record, expect_lease=expect_lease))
         await self.events.publish(record.task_id, TaskEvent(record.last_event_id, kind, data))
 
