@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.documents import PICTURE_RECT, huge_page_pdf, make_pdf, norm_box, png_bytes, png_declaring
 from tests.servers import wait_for
+from tests.sse import events_path
 
 PAGE_1 = (
     "<|ref|>title<|/ref|><|det|>[[120, 60, 600, 100]]<|/det|>\n# Page 1 heading\n\n"
@@ -247,6 +248,9 @@ def test_metrics_count_tasks_by_route_template(make_server):
     view = upload(server.client, make_pdf(2, picture_page=None)).json()
     finished(server.client, view["task_id"])
     assert server.client.get("/ui/app.js").status_code == 200
+    assert server.client.get(f"/v1/tasks/{view['task_id']}?wait=5").status_code == 200  # a long-poll
+    with server.client.stream("GET", events_path(view["task_id"])) as stream:
+        assert stream.status_code == 200
     text = server.client.get("/metrics").text
     assert 'dsocr_tasks_finished_total{status="succeeded"} 1.0' in text
     assert "dsocr_task_duration_seconds_bucket" in text
@@ -259,6 +263,21 @@ def test_metrics_count_tasks_by_route_template(make_server):
     assert 'dsocr_http_requests_total{method="GET",route="/ui",status="200"} 1.0' in text  # the mount
     assert 'dsocr_queue_depth{role="all"} 0.0' in text
     assert "dsocr_tasks_running 0.0" in text
+    # Streams and long-polls are counted, but their time is no latency: the histogram leaves them out.
+    assert 'route="/v1/tasks/{task_id}/events",status="200"} 1.0' in text
+    assert (
+        'dsocr_http_request_duration_seconds_count{method="GET",route="/v1/tasks/{task_id}/events"}'
+        not in text
+    )
+    polls = re.search(
+        r'dsocr_http_requests_total\{method="GET",route="/v1/tasks/\{task_id\}",status="200"\} (\d+)', text
+    )
+    observed = re.search(
+        r'dsocr_http_request_duration_seconds_count\{method="GET",route="/v1/tasks/\{task_id\}"\} (\d+)', text
+    )
+    assert polls is not None
+    assert observed is not None
+    assert float(observed[1]) == float(polls[1]) - 1  # all the plain reads, not the ?wait= one
     assert view["task_id"] not in text
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qs
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import Metrics
 
+_HELD_OPEN_ROUTES = frozenset({"/v1/tasks/{task_id}/events", "/v1/convert"})  # convert waits by default
+
 
 class HttpMetricsMiddleware:
-    """Counts requests and observes their latency; unknown paths share one label."""
+    """Counts requests and observes their latency (not of event streams and long-polls); unknown
+    paths share one label."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -38,7 +42,14 @@ class HttpMetricsMiddleware:
             route = _route_template({**scope, "path": path, "root_path": root_path})
             method = scope["method"]
             self.metrics.http_requests.labels(method, route, str(status)).inc()
-            self.metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
+            if not _held_open(route, scope):
+                self.metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
+
+
+def _held_open(route: str, scope: Scope) -> bool:
+    """Event streams and long-polls last as long as the client asked: their time is not latency,
+    and observed it would drown the latency of every other request in the histogram."""
+    return route in _HELD_OPEN_ROUTES or "wait" in parse_qs(scope.get("query_string", b"").decode("latin-1"))
 
 
 def _route_template(scope: Scope) -> str:
