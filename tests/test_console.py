@@ -18,6 +18,7 @@ import pytest
 
 from tests.documents import PICTURE_RECT, make_pdf, norm_box, png_bytes
 from tests.test_api_e2e import finished, upload
+from tests.test_shared_backends import shared_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 # The README's screenshot: written when missing or with UPDATE_SCREENSHOTS=1, so that a plain test
@@ -318,6 +319,32 @@ def test_console_signs_in_converts_and_shows_a_document(make_server, console, tm
     assert tab.no_horizontal_scroll()
     page.screenshot(path=str(tmp_path / "home-phone.png"), full_page=True)
 
+    assert tab.errors == []
+
+
+@needs_chromium
+def test_a_scaled_out_service_that_redirects_downloads_still_serves_the_console(
+    redis_server, s3, make_server, console
+):
+    # APP_S3_REDIRECT_DOWNLOADS sends downloads to the bucket, another origin the console's CSP does
+    # not allow: it asks for them streamed (?redirect=false) and must show and save them all the same.
+    settings = shared_settings(redis_server, s3, s3_redirect_downloads=True)
+    server = make_server(answers=[PAGE_1, PAGE_2, PAGE_3], ds_max_new_tokens=600, ds_batch_size=3, **settings)
+    task_id = upload(server.client, paper_pdf()).json()["task_id"]
+    assert finished(server.client, task_id)["status"] == "succeeded"
+    assert server.client.get(f"/v1/tasks/{task_id}/result.md").status_code == 307  # others are redirected
+
+    tab = console(server.url, accept_downloads=True)
+    page = tab.page
+    tab.open()
+    tab.sign_in("sk_test")
+    page.wait_for_selector("#home:not([hidden])")
+    page.goto(f"{server.url}/ui/#/tasks/{task_id}/3")
+    page.wait_for_selector(".stage .box")
+    page.wait_for_selector(".rendered .block__figure[src^='blob:']")  # the crop, from the bucket
+    with page.expect_download() as download:
+        page.click(".downloads button:has-text('result.md')")
+    assert "# Reading pages at scale" in Path(download.value.path()).read_text(encoding="utf-8")
     assert tab.errors == []
 
 

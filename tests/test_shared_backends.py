@@ -332,6 +332,9 @@ def test_one_process_on_redis_and_a_bucket_serves_streams_cancels_and_redirects(
     redirect = client.get(done["links"]["markdown"])
     assert redirect.status_code == 307
     assert httpx.get(redirect.headers["location"]).text.startswith("# Page 1 heading")
+    streamed = client.get(done["links"]["markdown"], params={"redirect": "false"})  # as the console asks
+    assert streamed.status_code == 200
+    assert streamed.text == httpx.get(redirect.headers["location"]).text
     assert client.get(f"/v1/tasks/{task_id}/pages/2").headers["content-type"] == "image/webp"
     assert client.get(f"/v1/tasks/{task_id}/result.zip").status_code == 200
 

@@ -225,10 +225,25 @@ async def stream_task_events(
     return event_stream(events, ping_seconds=settings.events_ping_seconds)
 
 
+Redirect = Annotated[
+    bool,
+    Query(
+        description="With APP_S3_REDIRECT_DOWNLOADS, false streams the file through the service instead "
+        "of a 307 to the bucket (for browsers whose page may not fetch from the bucket's origin).",
+    ),
+]
+
+
 async def _result(
-    tasks: TaskService, task_id: str, name: str, caller: str | None, headers: dict[str, str] | None = None
+    tasks: TaskService,
+    task_id: str,
+    name: str,
+    caller: str | None,
+    headers: dict[str, str] | None = None,
+    *,
+    redirect: bool = True,
 ) -> Response:
-    url = await tasks.result_url(task_id, name, caller)
+    url = await tasks.result_url(task_id, name, caller) if redirect else None
     if url is not None:  # APP_S3_REDIRECT_DOWNLOADS: the bucket serves it, the service does not relay
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers)
     handle = await tasks.open_result(task_id, name, caller)
@@ -237,29 +252,39 @@ async def _result(
 
 
 @router.get("/{task_id}/result.md", responses={200: {"content": {"text/markdown": {}}}, **_ERRORS})
-async def read_markdown(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> Response:
+async def read_markdown(
+    task_id: TaskId, tasks: TasksDep, caller: CallerDep, redirect: Redirect = True
+) -> Response:
     """Download the merged Markdown of every page."""
-    return await _result(tasks, task_id, "full.md", caller)
+    return await _result(tasks, task_id, "full.md", caller, redirect=redirect)
 
 
 @router.get("/{task_id}/result.json", responses=_ERRORS)
-async def read_result_json(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> Response:
+async def read_result_json(
+    task_id: TaskId, tasks: TasksDep, caller: CallerDep, redirect: Redirect = True
+) -> Response:
     """Download the task view with every page's Markdown and blocks."""
-    return await _result(tasks, task_id, "result.json", caller)
+    return await _result(tasks, task_id, "result.json", caller, redirect=redirect)
 
 
 @router.get("/{task_id}/layout.json", responses=_ERRORS)
-async def read_layout(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> Response:
+async def read_layout(
+    task_id: TaskId, tasks: TasksDep, caller: CallerDep, redirect: Redirect = True
+) -> Response:
     """Download the layout: every block's type, pixel box and 0-999 box per page."""
-    return await _result(tasks, task_id, "layout.json", caller)
+    return await _result(tasks, task_id, "layout.json", caller, redirect=redirect)
 
 
 @router.get("/{task_id}/images/{name}", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
 async def read_image(
-    task_id: TaskId, name: Annotated[str, Path(max_length=64)], tasks: TasksDep, caller: CallerDep
+    task_id: TaskId,
+    name: Annotated[str, Path(max_length=64)],
+    tasks: TasksDep,
+    caller: CallerDep,
+    redirect: Redirect = True,
 ) -> Response:
     """Download one cropped figure (names as in the task's links)."""
-    return await _result(tasks, task_id, f"images/{name}", caller)
+    return await _result(tasks, task_id, f"images/{name}", caller, redirect=redirect)
 
 
 @router.get("/{task_id}/pages/{number}", responses={200: {"content": {PREVIEW_CONTENT_TYPE: {}}}, **_ERRORS})

@@ -114,8 +114,15 @@ export class Api {
     return this.blob(`${taskPath(taskId)}/pages/${Number(page)}`, { signal, cache: "default" });
   }
 
+  // redirect=false: a service that sends downloads to its bucket (APP_S3_REDIRECT_DOWNLOADS) streams
+  // them to the console instead, whose Content-Security-Policy allows fetches from its own origin only.
   figure(taskId, name, signal) {
-    return this.blob(`${taskPath(taskId)}/images/${encodeURIComponent(name)}`, { signal, cache: "default" });
+    const path = `${taskPath(taskId)}/images/${encodeURIComponent(name)}?redirect=false`;
+    return this.blob(path, { signal, cache: "default" });
+  }
+
+  download(path) {
+    return this.blob(`${path}?redirect=false`);
   }
 
   /**

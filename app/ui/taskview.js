@@ -134,7 +134,7 @@ export class TaskView {
   async download(path, suffix) {
     const name = stem(this.view.source?.filename, this.taskId) + suffix;
     try {
-      saveBlob(await this.api.blob(path), name);
+      saveBlob(await this.api.download(path), name);
     } catch (error) {
       this.notify(`Could not download ${name}: ${error.message}`);
     }
