@@ -215,6 +215,13 @@ class LeaseLost(ServerError):
     code = "lease_lost"
 
 
+class RecordChanged(LeaseLost):
+    """A write of a record that another process wrote since it was read (same lease): read it
+    again and redo the change. A ``LeaseLost``, so that a worker that meets it lets go."""
+
+    code = "record_changed"
+
+
 class PageFailed(ServerError):
     """Raised when one page of a task cannot be processed; the message names the page."""
 

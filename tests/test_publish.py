@@ -22,14 +22,18 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.errors import RecordChanged
+from app.metrics import Metrics
 from app.pipeline.sniff import DocumentKind
 from app.storage.links import LinkSigner
 from app.storage.local import LocalStore
 from app.storage.publish import BucketPublisher, LinkPublisher, publisher_from_settings
+from app.tasks.followups import FollowUps
 from app.tasks.model import SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from tests.documents import PICTURE_RECT, make_pdf, norm_box
 from tests.s3_server import KEY_ID, SECRET, MotoS3
 from tests.servers import REPO, wait_for
+from tests.standins import StandInGpu
 
 PICTURE_PAGE = (
     f"<|ref|>image<|/ref|><|det|>[{norm_box(PICTURE_RECT)}]<|/det|>\n\n"
@@ -285,3 +289,48 @@ def test_local_backend_publishes_share_links_under_the_base_url(tmp_path):
         "result.zip",
     ]
     assert state.links["full.md"].startswith(f"https://ocr.example.org/v1/shared/{record.task_id}/full.md?")
+
+
+class WrittenFirstElsewhere(LocalStore):
+    """A store whose next ``conflicts`` saves find the record written by another process since it
+    was read: what a shared store answers when an API replica and a worker update one task."""
+
+    conflicts = 0
+
+    def save(self, record: TaskRecord, *, expect_lease: int | None = None) -> None:
+        if self.conflicts:
+            self.conflicts -= 1
+            raise RecordChanged(f"task {record.task_id} was written by another process since it was read")
+        super().save(record, expect_lease=expect_lease)
+
+
+async def test_a_publish_redoes_its_change_on_a_record_another_process_wrote_first(tmp_path):
+    store = WrittenFirstElsewhere(tmp_path)
+    spooled = store.spool_path()
+    spooled.write_bytes(b"%PDF-1.7")
+    record = TaskRecord(
+        status=TaskStatus.SUCCEEDED,
+        source=SourceInfo(filename="a.pdf", content_type="application/pdf", size_bytes=1, pages=1),
+        options=TaskOptions(),
+        page_numbers=[1],
+        input_name="document.pdf",
+        input_kind=DocumentKind.PDF,
+    )
+    store.create(record, spooled)
+    followups = FollowUps(
+        store=store,
+        publisher=LinkPublisher(LinkSigner(b"k"), expire_seconds=60, base_url=None),
+        webhooks=None,
+        auto_publish=False,
+        metrics=Metrics(StandInGpu()),
+    )
+    try:
+        store.conflicts = 3  # the "running" state is written on the third try, the result at once
+        state = await followups.publish(record.task_id)
+        assert state.status == "succeeded"
+        assert store.load(record.task_id).publish == state
+        store.conflicts = 100  # a record that never stops changing: the publish gives up, saying so
+        with pytest.raises(RecordChanged):
+            await followups.publish(record.task_id)
+    finally:
+        await followups.stop()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.errors import LeaseLost, QueueFull, ResultNotFound, TaskNotFound
+from app.errors import LeaseLost, QueueFull, RecordChanged, ResultNotFound, TaskNotFound
 from app.metrics import Metrics
 from app.pipeline.sniff import DocumentKind
 from app.storage.redis_conn import async_client, sync_client
@@ -164,6 +164,17 @@ def test_a_stale_lease_cannot_write_the_record(records):
     taken_over.progress.pages_done = 1
     worker.save(taken_over)
     assert worker.load(record.task_id).cancel_requested
+
+    # Two processes change the same record (same lease): the one that read it before the other
+    # wrote is refused, and its copy keeps the revision it read, to be read again and redone.
+    first, second = api.load(record.task_id), worker.load(record.task_id)
+    first.waiting_reason = "publish running"
+    api.save(first)
+    second.waiting_reason = "webhook running"
+    with pytest.raises(RecordChanged):
+        worker.save(second)
+    assert second.revision == first.revision - 1
+    assert worker.load(record.task_id).waiting_reason == "publish running"
 
     (summary,) = api.summaries()
     assert (summary.task_id, summary.status) == (record.task_id, TaskStatus.RUNNING)

@@ -2,15 +2,18 @@
 
 Keys (``dsocr:`` first)::
 
-    task:<id>       hash: record (the TaskRecord as JSON), lease (its fencing token), cancel ("1")
+    task:<id>       hash: record (the TaskRecord as JSON), lease (its fencing token), revision,
+                    cancel ("1")
     summaries       hash: <id> -> what listing and expiry need (created, status, owner, finished)
     idem:<name>     an idempotency entry, expiring on its own after 24 h
 
-A ``save`` is one Lua script: it compares the stored lease with the one the writer expects and
-writes the record and its summary only when they match (``LeaseLost`` otherwise), so no writer can
-overwrite a record another worker has taken since it read it. ``cancel`` is a field of its own:
-an API replica sets it while the worker running the task keeps saving the record, and ``load``
-folds it into ``cancel_requested``.
+A ``save`` is one Lua script: it compares the stored lease with the one the writer expects, and the
+stored revision with the one the writer read, and writes the record and its summary only when both
+match (``LeaseLost``, ``RecordChanged`` otherwise): no writer can overwrite a record another worker
+has taken since it read it, and two processes updating one finished task (a publish asked of an API
+replica while the worker delivers its webhook) cannot lose each other's change. ``cancel`` is a
+field of its own: an API replica sets it while the worker running the task keeps saving the
+record, and ``load`` folds it into ``cancel_requested``.
 
 Blocking (redis-py's synchronous client); callers on the event loop use threads.
 """
@@ -25,7 +28,7 @@ from typing import Any, cast
 
 import redis
 
-from app.errors import LeaseLost, ServiceUnavailable, TaskNotFound
+from app.errors import LeaseLost, RecordChanged, ServiceUnavailable, TaskNotFound
 from app.storage.base import RecordSummary, summary_of
 from app.storage.redis_conn import translated
 from app.tasks.idempotency import KEY_TTL
@@ -36,17 +39,20 @@ SUMMARIES = f"{PREFIX}summaries"
 KEY_LOCK_SECONDS = 120  # longer than storing any upload takes
 
 # KEYS: task hash, summaries. ARGV: expected lease ("" when creating), record JSON, new lease,
-# task id, summary JSON. Returns 1 (written), 0 (the stored lease differs), -1 (no such task).
+# task id, summary JSON, expected revision, new revision. Returns 1 (written), 0 (the stored lease
+# differs), -2 (same lease, but the record was written since it was read), -1 (no such task).
 _SAVE = """
-local stored = redis.call('HGET', KEYS[1], 'lease')
+local stored = redis.call('HMGET', KEYS[1], 'lease', 'revision')
 if ARGV[1] == '' then
-  if stored then return 0 end
-elseif not stored then
+  if stored[1] then return 0 end
+elseif not stored[1] then
   return -1
-elseif stored ~= ARGV[1] then
+elseif stored[1] ~= ARGV[1] then
   return 0
+elseif (stored[2] or '0') ~= ARGV[6] then
+  return -2
 end
-redis.call('HSET', KEYS[1], 'record', ARGV[2], 'lease', ARGV[3])
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'lease', ARGV[3], 'revision', ARGV[7])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
 return 1
 """
@@ -102,17 +108,37 @@ class RedisRecords:
         self._write(record, expect=str(record.lease if expect_lease is None else expect_lease))
 
     def _write(self, record: TaskRecord, *, expect: str) -> None:
-        with translated(f"saving task {record.task_id}"):
-            written = self._save(
-                keys=[_task_key(record.task_id), SUMMARIES],
-                args=[expect, record.model_dump_json(), record.lease, record.task_id, _summary_json(record)],
-            )
+        """Write ``record`` if the stored lease is ``expect`` and nobody wrote it since it was read
+        (its ``revision``); the record's revision moves on only when the write happened."""
+        read_at = record.revision
+        record.revision += 1
+        try:
+            with translated(f"saving task {record.task_id}"):
+                written = self._save(
+                    keys=[_task_key(record.task_id), SUMMARIES],
+                    args=[
+                        expect,
+                        record.model_dump_json(),
+                        record.lease,
+                        record.task_id,
+                        _summary_json(record),
+                        read_at,
+                        record.revision,
+                    ],
+                )
+        except BaseException:
+            record.revision = read_at
+            raise
+        if written == 1:
+            return
+        record.revision = read_at
         if written == -1:
             raise TaskNotFound(f"no task {record.task_id!r} (it expired or was deleted)")
-        if written == 0:
-            raise LeaseLost(
-                f"task {record.task_id} was taken by another worker (lease {expect or 'none'} is stale)"
-            )
+        if written == -2:
+            raise RecordChanged(f"task {record.task_id} was written by another process since it was read")
+        raise LeaseLost(
+            f"task {record.task_id} was taken by another worker (lease {expect or 'none'} is stale)"
+        )
 
     def load(self, task_id: str) -> TaskRecord:
         with translated(f"reading task {task_id}"):

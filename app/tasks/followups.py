@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from app.errors import DsocrError, InvalidOptions, PublishFailed, TaskNotFinished
+from app.errors import DsocrError, InvalidOptions, PublishFailed, RecordChanged, TaskNotFinished
 from app.metrics import Metrics
 from app.schemas import TaskView
 from app.storage.base import TaskStore
@@ -37,6 +37,7 @@ from app.tasks.model import (
 log = logging.getLogger(__name__)
 
 _UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.RUNNING)
+_UPDATE_TRIES = 5  # writes of one change, while other processes keep changing the record first
 
 
 class FollowUps:
@@ -225,9 +226,22 @@ class FollowUps:
             log.warning("webhook of task %s failed: %s", task_id, error)
 
     async def _update(self, task_id: str, change: Callable[[TaskRecord], None]) -> TaskRecord:
-        """Load, change and save a final task's record under the lock; the save survives cancellation."""
+        """Load, change and save a final task's record under the lock; the save survives cancellation.
+
+        Another process may update the same record (a shared store: a publish asked of an API
+        replica while the worker delivers the webhook); its write wins the race, and the change is
+        made again on the record as it is now.
+        """
+        tries = 0
         async with self._lock:
-            record = await asyncio.to_thread(self._store.load, task_id)
-            change(record)
-            await asyncio.shield(asyncio.to_thread(self._store.save, record))
-        return record
+            while True:
+                tries += 1
+                record = await asyncio.to_thread(self._store.load, task_id)
+                change(record)
+                try:
+                    await asyncio.shield(asyncio.to_thread(self._store.save, record))
+                except RecordChanged:
+                    if tries == _UPDATE_TRIES:
+                        raise
+                    continue
+                return record

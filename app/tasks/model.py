@@ -165,6 +165,9 @@ class TaskRecord(BaseModel):
     # The fencing token: raised by each worker that takes the task. A shared store refuses a write
     # carrying another token, so a worker that stalled while another took over writes nothing.
     lease: int = 0
+    # Bumped by every write to a shared store, which refuses a write of a record read before another
+    # (``RecordChanged``): an optimistic lock for processes that update the same finished task.
+    revision: int = 0
     model: str | None = None  # the checkpoint that produced the result
     images: list[str] = Field(default_factory=list)  # figure crops under images/, once succeeded
     truncated_pages: list[int] = Field(default_factory=list)  # pages that never reached the end marker
