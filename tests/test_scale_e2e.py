@@ -105,7 +105,7 @@ def test_every_task_succeeds_once_through_a_killed_worker_and_a_redis_restart(ma
     redis_server.stop()
     # Down past the clients' own retries (about 15 s): callers see 503, to retry, not an error or a
     # hang. Longer than the visibility timeout too, so leases lapse and running tasks change hands.
-    wait_for(lambda: clients[1].get(f"/v1/tasks/{task_ids[0]}").status_code == 503, timeout=30)
+    wait_for(lambda: clients[1].get(f"/v1/tasks/{task_ids[0]}").status_code == 503, timeout=60)
     redis_server.start()
 
     views = [wait_until_ended(clients[i % 2], task_id, timeout=150) for i, task_id in enumerate(task_ids)]
@@ -140,8 +140,8 @@ def test_a_stalled_worker_cannot_overwrite_a_task_another_worker_finished(make_c
     cluster = make_cluster(APP_VISIBILITY_TIMEOUT_SECONDS=3).start(apis=1, workers=2)
     client = cluster.client()
     task_id = submit(client, make_pdf(pages))
-    wait_for(lambda: view(client, task_id)["progress"]["pages_done"] >= 1, timeout=90, interval=0.1)
-    stalled = wait_for(lambda: running_holder(cluster), timeout=30, interval=0.1)
+    wait_for(lambda: view(client, task_id)["progress"]["pages_done"] >= 1, timeout=180, interval=0.1)
+    stalled = wait_for(lambda: running_holder(cluster), timeout=60, interval=0.1)
     stalled.pause()
     winner = next(w for w in cluster.workers if w is not stalled)
 
@@ -165,7 +165,7 @@ def test_a_stalled_worker_cannot_overwrite_a_task_another_worker_finished(make_c
     stalled.resume()
     winner.stop()
     next_id = submit(client, make_pdf(1, picture_page=None))
-    assert wait_until_ended(client, next_id, timeout=90)["status"] == "succeeded", cluster.logs()
+    assert wait_until_ended(client, next_id, timeout=180)["status"] == "succeeded", cluster.logs()
     assert stalled.succeeded_ids() == [next_id]
     assert httpx.get(f"{stalled.url}/healthz", timeout=5).status_code == 200
 
@@ -213,7 +213,7 @@ def test_a_cancel_reaches_the_worker_and_events_reach_the_other_replica(make_clu
 
     # The worker is free again: the next task runs to the end.
     next_id = submit(watching, make_pdf(1, picture_page=None))
-    assert wait_until_ended(accepting, next_id, timeout=90)["status"] == "succeeded", cluster.logs()
+    assert wait_until_ended(accepting, next_id, timeout=180)["status"] == "succeeded", cluster.logs()
 
 
 # --- the queue bound holds across replicas -----------------------------------------------------------
@@ -253,10 +253,10 @@ def test_a_task_that_kills_its_worker_three_times_fails(make_cluster):
 
     for _ in range(3):
         # Killed each time it is running again: a page more than before was recognised.
-        done = wait_for(further, timeout=60, interval=0.05)
+        done = wait_for(further, timeout=180, interval=0.05)
         worker.kill()
         worker.start()
-    failed = wait_until_ended(client, task_id, timeout=60)
+    failed = wait_until_ended(client, task_id, timeout=180)
     assert failed["status"] == "failed", (failed, cluster.logs())
     assert failed["error"]["code"] == "too_many_attempts"
     assert failed["progress"]["pages_done"] < 40

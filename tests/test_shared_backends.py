@@ -343,6 +343,9 @@ def test_one_process_on_redis_and_a_bucket_serves_streams_cancels_and_redirects(
     redirect = client.get(done["links"]["markdown"])
     assert redirect.status_code == 307
     assert httpx.get(redirect.headers["location"]).text.startswith("# Page 1 heading")
+    converted = client.post("/v1/convert", files={"file": ("again.pdf", make_pdf(1, picture_page=None))})
+    assert converted.status_code == 200  # the result itself, never a redirect of the POST
+    assert converted.json()["status"] == "succeeded"
     streamed = client.get(done["links"]["markdown"], params={"redirect": "false"})  # as the console asks
     assert streamed.status_code == 200
     assert streamed.text == httpx.get(redirect.headers["location"]).text
@@ -356,7 +359,7 @@ def test_one_process_on_redis_and_a_bucket_serves_streams_cancels_and_redirects(
     assert canceled["status"] == "canceled"
     assert canceled["progress"]["pages_done"] < 8
     listed = {task["task_id"]: task["status"] for task in client.get("/v1/tasks").json()["tasks"]}
-    assert listed == {task_id: "succeeded", slow: "canceled"}
+    assert listed == {task_id: "succeeded", converted.json()["task_id"]: "succeeded", slow: "canceled"}
     metrics = client.get("/metrics").text
     assert 'dsocr_queue_depth{role="all"} 0.0' in metrics
     assert 'dsocr_redeliveries_total{role="all"} 0.0' in metrics

@@ -243,12 +243,11 @@ async def _result(
     *,
     redirect: bool = True,
 ) -> Response:
-    url = await tasks.result_url(task_id, name, caller) if redirect else None
-    if url is not None:  # APP_S3_REDIRECT_DOWNLOADS: the bucket serves it, the service does not relay
-        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers)
-    handle = await tasks.open_result(task_id, name, caller)
+    found = await tasks.download(task_id, name, caller, redirect=redirect)
+    if isinstance(found, str):  # APP_S3_REDIRECT_DOWNLOADS: the bucket serves it, the service does not relay
+        return RedirectResponse(found, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers)
     media_type = RESULT_FILES.get(name, "image/png")  # the rest are images/<name>
-    return StreamingResponse(stream_file(handle), media_type=media_type, headers=headers)
+    return StreamingResponse(stream_file(found), media_type=media_type, headers=headers)
 
 
 @router.get("/{task_id}/result.md", responses={200: {"content": {"text/markdown": {}}}, **_ERRORS})
@@ -383,7 +382,8 @@ async def convert_document(
     record = await tasks.wait(created.record.task_id, owner=caller, seconds=wait)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     if record.status is TaskStatus.SUCCEEDED:
-        return await _result(tasks, record.task_id, "result.json", caller, headers)
+        # Always the body itself: a 307 would send the client's POST on to the bucket.
+        return await _result(tasks, record.task_id, "result.json", caller, headers, redirect=False)
     code = status.HTTP_200_OK if record.status.is_final else status.HTTP_202_ACCEPTED
     view = await tasks.view(record)
     return JSONResponse(view.model_dump(mode="json", by_alias=True), code, headers)

@@ -302,11 +302,18 @@ class TaskService:
         await self._succeeded(task_id, owner)
         return await asyncio.to_thread(self.store.open_result, task_id, name)
 
-    async def result_url(self, task_id: str, name: str, owner: str | None = None) -> str | None:
-        """Where the client may fetch a result file itself (a presigned bucket URL), or ``None``
-        when the service streams it; raises as ``open_result`` does."""
+    async def download(
+        self, task_id: str, name: str, owner: str | None = None, *, redirect: bool = True
+    ) -> BinaryIO | str:
+        """A result file of a succeeded task for a download: the URL the client may fetch it from
+        itself (a presigned bucket URL, when the store hands them out and ``redirect``), else an open
+        stream of it. Raises as ``open_result`` does."""
         await self._succeeded(task_id, owner)
-        return await asyncio.to_thread(self.store.result_url, task_id, name)
+        if redirect:
+            url = await asyncio.to_thread(self.store.result_url, task_id, name)
+            if url is not None:
+                return url
+        return await asyncio.to_thread(self.store.open_result, task_id, name)
 
     async def _succeeded(self, task_id: str, owner: str | None) -> None:
         record = await self.get(task_id, owner)
