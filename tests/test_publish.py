@@ -24,16 +24,16 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.errors import RecordChanged
 from app.metrics import Metrics
-from app.pipeline.sniff import DocumentKind
 from app.storage.links import LinkSigner
 from app.storage.local import LocalStore
 from app.storage.publish import BucketPublisher, LinkPublisher, publisher_from_settings
 from app.tasks.followups import FollowUps
-from app.tasks.model import SourceInfo, TaskOptions, TaskRecord, TaskStatus
+from app.tasks.model import TaskRecord, TaskStatus
 from tests.documents import PICTURE_RECT, make_pdf, norm_box
 from tests.s3_server import KEY_ID, SECRET, MotoS3
 from tests.servers import REPO, wait_for
 from tests.standins import StandInGpu
+from tests.test_shared_backends import a_record
 
 PICTURE_PAGE = (
     f"<|ref|>image<|/ref|><|det|>[{norm_box(PICTURE_RECT)}]<|/det|>\n\n"
@@ -269,15 +269,7 @@ def test_oss_backend_signs_as_alibaba_documents(tmp_path):
 
 
 def test_local_backend_publishes_share_links_under_the_base_url(tmp_path):
-    record = TaskRecord(
-        status=TaskStatus.SUCCEEDED,
-        source=SourceInfo(filename="a.pdf", content_type="application/pdf", size_bytes=1, pages=1),
-        options=TaskOptions(),
-        page_numbers=[1],
-        input_name="document.pdf",
-        input_kind=DocumentKind.PDF,
-        images=["p0001_01.png"],
-    )
+    record = a_record(status=TaskStatus.SUCCEEDED, images=["p0001_01.png"])
     publisher = LinkPublisher(LinkSigner(b"k"), expire_seconds=60, base_url="https://ocr.example.org/")
     state = asyncio.run(publisher.publish(record))
     assert state.status == "succeeded"
@@ -308,14 +300,7 @@ async def test_a_publish_redoes_its_change_on_a_record_another_process_wrote_fir
     store = WrittenFirstElsewhere(tmp_path)
     spooled = store.spool_path()
     spooled.write_bytes(b"%PDF-1.7")
-    record = TaskRecord(
-        status=TaskStatus.SUCCEEDED,
-        source=SourceInfo(filename="a.pdf", content_type="application/pdf", size_bytes=1, pages=1),
-        options=TaskOptions(),
-        page_numbers=[1],
-        input_name="document.pdf",
-        input_kind=DocumentKind.PDF,
-    )
+    record = a_record(status=TaskStatus.SUCCEEDED)
     store.create(record, spooled)
     followups = FollowUps(
         store=store,
