@@ -55,7 +55,7 @@ def assemble_page(page: PageImage, parsed: ParsedPage, index: int) -> AssembledP
             crops.extend(images)
         else:
             layout_blocks.append(_region_entry(block, size))
-            parts.append(_block_markdown(block))
+            parts.append(block_markdown(block.label, block.content))
 
     width, height = size
     layout = {
@@ -112,13 +112,14 @@ def _image_block(
     return entries, parts, crops
 
 
-def _block_markdown(block: Block) -> str:
-    """A non-image block's Markdown: headings get their marker, everything else is kept verbatim."""
-    marker = _HEADINGS.get(block.label)
-    if marker is None or not block.content or block.content.startswith("#"):
-        return block.content
+def block_markdown(label: str, text: str) -> str:
+    """A non-image block's Markdown from its label and text: headings get their marker, everything
+    else is kept verbatim (also how the console renders a block of layout.json, which keeps none)."""
+    marker = _HEADINGS.get(label)
+    if marker is None or not text or text.startswith("#"):
+        return text
     # A Markdown heading is one line: a title the model wrapped is joined back up.
-    return marker + " ".join(block.content.split())
+    return marker + " ".join(text.split())
 
 
 def _region_entry(block: Block, size: tuple[int, int]) -> dict[str, Any]:

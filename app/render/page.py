@@ -10,11 +10,9 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.pipeline.assemble import block_markdown
 from app.render.html import markdown_to_html
 
-# Headings as app.pipeline.assemble writes them into the Markdown: layout.json keeps a block's text
-# without the marker, so it is put back here for the block to render as a heading.
-_HEADINGS = {"title": "# ", "sub_title": "## "}
 _IMAGE_LINK = re.compile(r"^images/(p\d{4}_\d{2}\.png)$")
 
 Box = list[int]  # x0, y0, x1, y1 in pixels of the rendered page
@@ -95,14 +93,7 @@ def _render_block(index: int, block: _StoredBlock) -> RenderedBlock:
         type=block.type,
         bbox=block.bbox,
         boxes=boxes,
-        html=markdown_to_html(_block_markdown(block)) if block.text else "",
+        # layout.json keeps a heading's text without its marker: put back as result.md has it.
+        html=markdown_to_html(block_markdown(block.type, block.text)) if block.text else "",
         image=image,
     )
-
-
-def _block_markdown(block: _StoredBlock) -> str:
-    text = block.text or ""
-    marker = _HEADINGS.get(block.type)
-    if marker is None or text.startswith("#"):
-        return text
-    return marker + " ".join(text.split())  # a heading is one line, as in result.md
