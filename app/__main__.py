@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import uvicorn
-from pydantic import ValidationError
 
-from app.config import Settings
-from app.main import create_app
+from app.main import configure_logging, create_app, settings_from_environment
 
 
 def main() -> None:
-    try:
-        settings = Settings()
-    except ValidationError as exc:  # a setting is wrong: say which, without a traceback
-        problems = "\n".join(f"  {error['msg']}" for error in exc.errors())
-        sys.exit(f"dsocr-server cannot start, the settings are invalid:\n{problems}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    settings = settings_from_environment()
+    configure_logging(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

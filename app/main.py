@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
+import sys
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from pydantic import ValidationError
 
 from app import __version__
 from app.api import links, system, tasks
@@ -198,3 +201,36 @@ def create_app(
         return RedirectResponse("/ui/" if settings.ui_enabled else "/docs")
 
     return app
+
+
+def settings_from_environment() -> Settings:
+    """``Settings()`` from ``APP_*`` variables; invalid ones end the process with a message naming
+    each problem (no traceback, no secret values), as a start-up should."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "\n".join(f"  {error['msg']}" for error in exc.errors())
+        sys.exit(f"dsocr-server cannot start, the settings are invalid:\n{problems}")
+
+
+def configure_logging(settings: Settings) -> None:
+    """The service's own loggers at ``APP_LOG_LEVEL`` on stderr (uvicorn configures only its own)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@functools.cache
+def _app_from_environment() -> FastAPI:
+    settings = settings_from_environment()
+    configure_logging(settings)
+    return create_app(settings)
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``app.main:app`` for ``uvicorn app.main:app`` and other ASGI servers: built from the
+    environment on first access, not on import, so importing this module reads no settings and
+    tests build apps side by side. The same object on every access."""
+    if name == "app":
+        return _app_from_environment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

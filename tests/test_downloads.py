@@ -115,13 +115,20 @@ def test_share_links_grant_one_file_without_a_key(make_server):
         assert gone.status_code == 404
         assert gone.json()["error"]["code"] == "task_not_found"
 
-        # Images and the zip can be shared too.
-        for name, content_type in (("images/p0002_01.png", "image/png"), ("result.zip", "application/zip")):
+        # Images, the zip, and Markdown by its route's name (GET .../result.md) can be shared too.
+        for name, content_type in (
+            ("result.md", "text/markdown; charset=utf-8"),
+            ("images/p0002_01.png", "image/png"),
+            ("result.zip", "application/zip"),
+        ):
             url = client.post(f"/v1/tasks/{task_id}/links", json={"file": name}).json()["url"]
             assert abs(_expires(url) - (time.time() + 3600)) < 5  # APP_LINK_EXPIRE_SECONDS
+            assert url.startswith(f"/v1/shared/{task_id}/{name}?")
             fetched = anonymous.get(url)
             assert fetched.status_code == 200, name
             assert fetched.headers["content-type"] == content_type
+            if name == "result.md":
+                assert fetched.content == client.get(f"/v1/tasks/{task_id}/result.md").content
         with zipfile.ZipFile(io.BytesIO(fetched.content)) as archive:
             assert "images/p0002_01.png" in archive.namelist()
 

@@ -23,6 +23,9 @@ ARCHIVE_NAME = "result.zip"
 ARCHIVE_TYPE = "application/zip"
 IMAGE_TYPE = "image/png"
 CHUNK = 64 * 1024
+# Names the HTTP routes give a stored file: GET /v1/tasks/{id}/result.md serves full.md, so a share
+# link, publish or download asked for by the route's name means the same file.
+ROUTE_NAMES = {"result.md": "full.md"}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 from app.errors import InvalidOptions, ResultNotFound, TaskNotFinished
-from app.storage.archive import ResultFile, archive_chunks, open_result, result_files
+from app.storage.archive import ROUTE_NAMES, ResultFile, archive_chunks, open_result, result_files
 from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
 from app.tasks.model import TaskRecord, TaskStatus
@@ -87,11 +87,13 @@ class Downloads:
         self._signer.verify(task_id, file, expires, signature)
         record = await self._succeeded(task_id)
         offered = _check_offered(record, file)
-        return await asyncio.to_thread(open_result, self._store, record, file), offered.content_type
+        return await asyncio.to_thread(open_result, self._store, record, offered.name), offered.content_type
 
 
 def _check_offered(record: TaskRecord, file: str) -> ResultFile:
+    """The stored file ``file`` names (as stored, or by its route's name: ``result.md``)."""
+    stored = ROUTE_NAMES.get(file, file)
     for offered in result_files(record):
-        if offered.name == file:
+        if offered.name == stored:
             return offered
     raise ResultNotFound(f"task {record.task_id} has no result named {file!r}")
