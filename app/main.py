@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 
 from app import __version__
@@ -171,7 +172,10 @@ def create_app(
             await models.unload()
             await backends.close()
 
-    app = FastAPI(
+    # /docs and /redoc serve Swagger UI and ReDoc from the service itself (fastapi-offline, pinned):
+    # FastAPI's default pulls unpinned script from a CDN onto the origin where the console keeps its key.
+    app = FastAPIOffline(
+        static_url="/docs-assets",
         title="dsocr-server",
         version=__version__,
         summary="Documents in, Markdown, layout and figures out, with DeepSeek-OCR.",

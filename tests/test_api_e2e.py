@@ -228,7 +228,21 @@ def test_errors_share_one_shape(make_server):
 
 def test_openapi_documents_the_api(make_server):
     server = make_server(answers=[PAGE_1])
-    assert server.client.get("/docs").status_code == 200
+    # Swagger UI and ReDoc load their script from the service itself, never from another origin.
+    for page, assets in (
+        ("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")),
+        ("/redoc", ("redoc.standalone.js",)),
+    ):
+        html = server.client.get(page)
+        assert html.status_code == 200
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html.text) + re.findall(r"url: '([^']+)'", html.text)
+        assert sources, page
+        assert all(source.startswith("/") for source in sources), sources
+        for asset in assets:
+            assert f"/docs-assets/{asset}" in sources
+            fetched = server.client.get(f"/docs-assets/{asset}")
+            assert fetched.status_code == 200
+            assert len(fetched.content) > 10_000
     spec = server.client.get("/openapi.json").json()
     assert "multipart/form-data" in spec["paths"]["/v1/tasks/upload"]["post"]["requestBody"]["content"]
     for path in (
