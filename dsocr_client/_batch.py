@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dsocr_client._client import Client
-from dsocr_client.errors import Conflict, DsocrError, NotFound
+from dsocr_client.errors import DsocrError, describe_error
 from dsocr_client.models import Progress, Task
 
 DOCUMENT_SUFFIXES = frozenset({".pdf", ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})
@@ -42,7 +42,8 @@ class Document:
 @dataclass
 class Outcome:
     """What happened to one document: ``succeeded``, ``skipped`` (results already complete),
-    ``failed`` or ``canceled``; ``seconds`` is the server's processing time."""
+    ``failed`` or ``canceled``, or ``running`` when an interrupt left its task on the server;
+    ``error`` says why for all but the first two. ``seconds`` is the server's processing time."""
 
     path: str
     output: str
@@ -154,11 +155,35 @@ class Batch:
         with self._lock:
             task_ids = list(self.in_flight.values())
         for task_id in task_ids:
-            with contextlib.suppress(Conflict, NotFound):  # it ended or expired meanwhile: nothing to cancel
+            # Conflict, NotFound: it ended or expired meanwhile. Any other refusal leaves it running,
+            # which ``results`` then says, with its task id.
+            with contextlib.suppress(DsocrError):
                 self.client.cancel(task_id)
         deadline = time.monotonic() + grace_seconds
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def results(self) -> list[Outcome]:
+        """One outcome per document, in the documents' order: every document is accounted for.
+
+        After an interrupt, a document never submitted is ``canceled`` and one whose task was left
+        running (``interrupt(cancel=False)``, or a cancel the grace period did not see end) is
+        ``running``, with its task id; each says why in ``error``."""
+        with self._lock:
+            recorded = {outcome.path: outcome for outcome in self.outcomes}
+            in_flight = dict(self.in_flight)
+        results = []
+        for document in self.documents:
+            outcome = recorded.get(str(document.path))
+            if outcome is None:
+                outcome = Outcome(str(document.path), str(document.out_dir), "canceled")
+                outcome.task_id = in_flight.get(document.name)
+                if outcome.task_id is not None:
+                    outcome.status, outcome.error = "running", "interrupted while its task ran on the server"
+                else:
+                    outcome.error = "interrupted before it was sent"
+            results.append(outcome)
+        return results
 
     def _work(self, pending: queue.SimpleQueue[Document]) -> None:
         while not self._stop.is_set():
@@ -166,39 +191,44 @@ class Batch:
                 document = pending.get_nowait()
             except queue.Empty:
                 return
-            self.reporter.started(document)
-            outcome = self._convert(document)
+            outcome = Outcome(str(document.path), str(document.out_dir), "failed")
+            try:
+                self.reporter.started(document)
+                self._convert(document, outcome)
+            # Anything at all (a bug, a full disk, a reporter that fails): it becomes this document's
+            # failure, and the thread goes on. A thread's exception would otherwise end the thread
+            # and the document with it, printed at best (SystemExit not even that).
+            except BaseException as exc:
+                outcome.status, outcome.error = "failed", describe_error(exc)
             with self._lock:
                 self.outcomes.append(outcome)
-            self.reporter.finished(document, outcome)
+            try:
+                self.reporter.finished(document, outcome)
+            except BaseException as exc:  # as above; the outcome is in the list already
+                with self._lock:
+                    outcome.status, outcome.error = "failed", describe_error(exc)
 
-    def _convert(self, document: Document) -> Outcome:
-        outcome = Outcome(str(document.path), str(document.out_dir), "failed")
+    def _convert(self, document: Document, outcome: Outcome) -> None:
+        """Convert ``document`` and download its results, filling in ``outcome`` (``succeeded`` only
+        once every file is written); raises what goes wrong, which ``_work`` records as the reason."""
         done = None if self.force else complete_result(document.out_dir)
         if done is not None:
             outcome.status, outcome.task_id = "skipped", done.task_id
             outcome.pages, outcome.seconds = done.pages_total, done.duration_seconds
-            return outcome
+            return
+        task = self.client.submit(document.path, **self.options)
+        outcome.task_id = task.task_id
+        with self._lock:
+            self.in_flight[document.name] = task.task_id
         try:
-            task = self.client.submit(document.path, **self.options)
-            outcome.task_id = task.task_id
+            task = self.client.wait(task.task_id, lambda p: self.reporter.progressed(document, p))
+        finally:
             with self._lock:
-                self.in_flight[document.name] = task.task_id
-            try:
-                task = self.client.wait(task.task_id, lambda p: self.reporter.progressed(document, p))
-            finally:
-                with self._lock:
-                    self.in_flight.pop(document.name, None)
-            outcome.status, outcome.pages, outcome.seconds = (
-                task.status,
-                task.pages_total,
-                task.duration_seconds,
-            )
-            if task.error:
-                outcome.error = f"{task.error.code}: {task.error.message}"
-            if task.status == "succeeded":
-                shutil.rmtree(document.out_dir, ignore_errors=True)  # no stale figures from an older run
-                self.client.download(task.task_id, document.out_dir)
-        except DsocrError as exc:
-            outcome.status, outcome.error = "failed", f"{exc.code}: {exc.message}"
-        return outcome
+                self.in_flight.pop(document.name, None)
+        outcome.pages, outcome.seconds = task.pages_total, task.duration_seconds
+        if task.error:
+            outcome.error = f"{task.error.code}: {task.error.message}"
+        if task.status == "succeeded":
+            shutil.rmtree(document.out_dir, ignore_errors=True)  # no stale figures from an older run
+            self.client.download(task.task_id, document.out_dir)
+        outcome.status = task.status

@@ -20,7 +20,7 @@ from typing import IO, Any
 import httpx
 from httpx_sse import ServerSentEvent, SSEError, aconnect_sse, connect_sse
 
-from dsocr_client.errors import ConnectionFailed, QueueFull, WaitTimeout, error_from_response
+from dsocr_client.errors import ConnectionFailed, QueueFull, ServerError, WaitTimeout, error_from_response
 from dsocr_client.models import Progress, Task
 
 Source = str | os.PathLike[str] | IO[bytes]
@@ -31,7 +31,9 @@ AsyncProgressCallback = Callable[[Progress], Awaitable[None] | None]
 DEFAULT_URL = "http://localhost:8000"
 MAX_POLL_SECONDS = 60  # the server's cap on GET /v1/tasks/{id}?wait=
 STREAM_READ_SECONDS = 60.0  # the server pings every 15 s by default; silence this long means a dead stream
-MAX_STREAM_FAILURES = 3  # consecutive stream failures (no event received) before falling back to polling
+MAX_STREAM_FAILURES = 5  # connections in a row that end without an event before falling back to polling
+MAX_RECONNECT_PAUSE = 8.0  # s, the cap of the doubling pause between reconnections
+EVENT_KINDS = frozenset({"status", "page", "end"})  # what the server sends; other kinds are ignored
 RESULT_FILES = ("full.md", "layout.json")  # downloaded before result.json, which is written last
 
 
@@ -77,7 +79,9 @@ def _create_request(
 
 
 def _progress(task_id: str, event: ServerSentEvent) -> tuple[Progress, Task | None]:
-    """The progress an event reports, and the task view for ``status`` and ``end`` events."""
+    """The progress an event reports, and the task view for ``status`` and ``end`` events.
+
+    Raises ``ValueError``, ``KeyError`` or ``TypeError`` for data that is not such an event."""
     data = event.json()
     if event.event == "page":
         progress = Progress(
@@ -121,12 +125,82 @@ class _StreamUnavailable(Exception):
     """The event stream failed repeatedly; ``wait`` falls back to long-polling."""
 
 
+class _BadEvent(Exception):
+    """An event whose data is not what its kind carries: the stream is treated as broken."""
+
+
+# What ends a connection to the event stream early without ending ``wait``: the network or a proxy
+# (``TransportError``; ``SSEError`` when something other than an event stream answers; ``ServerError``
+# for a 5xx, as a proxy answers while the server restarts) or a garbled event. Anything else the
+# server says (``NotFound``, ``AuthError`` ...) is the answer, and raised.
+_STREAM_FAILURES = (httpx.TransportError, SSEError, ServerError, _BadEvent)
+
+
+class _EventCursor:
+    """Where following one task's events stands, across the connections that ``wait`` opens.
+
+    The protocol without the I/O, shared by ``Client`` and ``AsyncClient``: it says what to request
+    next (resuming with ``Last-Event-ID`` after the last event received), which events count, and how
+    long to pause after a connection ends before the task's ``end`` event.
+    """
+
+    def __init__(self, task_id: str, deadline: float | None, backoff: float) -> None:
+        self.task_id = task_id
+        self.deadline = deadline
+        self.backoff = backoff
+        self.last_id: str | None = None
+        self.failures = 0  # connections in a row that ended without delivering an event
+
+    def request(self, connect_timeout: float | None) -> dict[str, Any]:
+        """Arguments of the next ``GET /v1/tasks/{id}/events``; raises ``WaitTimeout`` past the deadline."""
+        left = _remaining(self.deadline, self.task_id)
+        read = STREAM_READ_SECONDS if left is None else min(left, STREAM_READ_SECONDS)
+        return {
+            "method": "GET",
+            "url": f"/v1/tasks/{self.task_id}/events",
+            "headers": {"Last-Event-ID": self.last_id} if self.last_id else {},
+            "timeout": httpx.Timeout(connect_timeout, read=read),
+        }
+
+    def accept(self, event: ServerSentEvent) -> tuple[Progress, Task | None] | None:
+        """The progress ``event`` reports and, for the ``end`` event, the final task; ``None`` for
+        an event that reports nothing. Raises ``WaitTimeout`` past the deadline, ``_BadEvent`` for
+        garbled data (its id is not taken, so a reconnection asks for it again)."""
+        _remaining(self.deadline, self.task_id)  # checked on keep-alives too: they arrive while pages run
+        # The server's keep-alive comment (": ping") followed by a blank line comes out of httpx-sse as
+        # an event without data that repeats the last id (it dispatches whatever the fields hold; the
+        # SSE spec says to dispatch nothing when the data is empty). Kinds added later are not ours.
+        if not event.data or event.event not in EVENT_KINDS:
+            return None
+        try:
+            progress, task = _progress(self.task_id, event)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _BadEvent(f"unreadable {event.event!r} event {event.id!r}: {exc}") from exc
+        self.last_id = event.id or self.last_id
+        self.failures = 0
+        return progress, task if event.event == "end" else None
+
+    def dropped(self, cause: BaseException | None) -> float:
+        """Count a connection that ended before the ``end`` event (``cause``: its error, ``None`` for
+        a clean close) and return the seconds to pause before the next one: ``backoff``, doubling
+        per failure in a row, at most ``MAX_RECONNECT_PAUSE`` and never past the deadline. Raises
+        ``_StreamUnavailable`` after ``MAX_STREAM_FAILURES`` in a row, ``WaitTimeout`` past the deadline."""
+        self.failures += 1
+        if self.failures >= MAX_STREAM_FAILURES:
+            raise _StreamUnavailable(f"{self.failures} event streams in a row failed") from cause
+        pause = min(self.backoff * 2 ** (self.failures - 1), MAX_RECONNECT_PAUSE)
+        left = _remaining(self.deadline, self.task_id)
+        return pause if left is None else min(pause, left)
+
+
 class Client:
     """A synchronous client of one dsocr server; safe to share between threads.
 
     ``base_url`` and ``api_key`` default to ``DSOCR_URL`` (else ``http://localhost:8000``) and
     ``DSOCR_API_KEY``. A ``429`` is retried up to ``max_retries`` times, sleeping its
-    ``Retry-After`` (at most ``max_retry_wait`` seconds); then ``QueueFull`` is raised.
+    ``Retry-After`` (at most ``max_retry_wait`` seconds); then ``QueueFull`` is raised. ``wait``
+    pauses ``reconnect_backoff`` seconds before reconnecting a dropped event stream, doubling while
+    connections keep failing.
     """
 
     def __init__(
@@ -137,12 +211,14 @@ class Client:
         timeout: float = 60.0,
         max_retries: int = 3,
         max_retry_wait: float = 60.0,
+        reconnect_backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         url, headers = _settings(base_url, api_key)
         self.base_url = url
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self.reconnect_backoff = reconnect_backoff
         self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
@@ -190,10 +266,13 @@ class Client:
     ) -> Task:
         """Block until the task ends and return it (succeeded, failed or canceled: check ``status``).
 
-        Follows the task's event stream, resuming with ``Last-Event-ID`` when it drops, so
-        ``on_progress`` sees each status change and each finished page once; after
-        ``MAX_STREAM_FAILURES`` failed connections in a row it long-polls instead. Raises
-        ``WaitTimeout`` after ``timeout`` seconds, ``NotFound`` for a task this key cannot see.
+        Follows the task's event stream, skipping its keep-alive comments and resuming with
+        ``Last-Event-ID`` when it drops before the ``end`` event (a ``204`` then means the task is
+        over, and its view is read), so ``on_progress`` sees each status change and each finished
+        page once. Between reconnections it pauses ``reconnect_backoff`` seconds, doubling; after
+        ``MAX_STREAM_FAILURES`` connections in a row that bring no event it long-polls instead.
+        Raises ``WaitTimeout`` after ``timeout`` seconds, ``NotFound`` for a task this key cannot
+        see; whatever ``on_progress`` raises ends the wait (the task keeps running).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -202,39 +281,29 @@ class Client:
             return self._poll(task_id, on_progress, deadline)
 
     def _follow(self, task_id: str, on_progress: ProgressCallback | None, deadline: float | None) -> Task:
-        last_id: str | None = None
-        failures = 0
+        cursor = _EventCursor(task_id, deadline, self.reconnect_backoff)
         while True:
-            left = _remaining(deadline, task_id)
-            read = STREAM_READ_SECONDS if left is None else min(left, STREAM_READ_SECONDS)
-            headers = {"Last-Event-ID": last_id} if last_id else {}
+            cause: BaseException | None = None
             try:
-                with connect_sse(
-                    self._http,
-                    "GET",
-                    f"/v1/tasks/{task_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(self._http.timeout.connect, read=read),
-                ) as source:
+                with connect_sse(self._http, **cursor.request(self._http.timeout.connect)) as source:
                     if source.response.status_code == 204:  # resumed after the end: nothing more comes
                         return self.get(task_id)
                     if source.response.is_error:
                         source.response.read()
                         _check(source.response)
                     for event in source.iter_sse():
-                        failures = 0
-                        last_id = event.id or last_id
-                        progress, task = _progress(task_id, event)
+                        update = cursor.accept(event)
+                        if update is None:
+                            continue
+                        progress, task = update
                         if on_progress:
                             on_progress(progress)
-                        if event.event == "end" and task is not None:
+                        if task is not None:
                             return task
-                        _remaining(deadline, task_id)
-            except (httpx.TransportError, SSEError) as exc:
-                failures += 1
-                if failures >= MAX_STREAM_FAILURES:
-                    raise _StreamUnavailable from exc
-            # the stream closed before its end event (a restart, a proxy): resume where it stopped
+            except _STREAM_FAILURES as exc:
+                cause = exc
+            # the stream ended before its end event (a restart, a proxy): resume where it stopped
+            time.sleep(cursor.dropped(cause))
 
     def _poll(self, task_id: str, on_progress: ProgressCallback | None, deadline: float | None) -> Task:
         seen: tuple[str, int] | None = None
@@ -329,12 +398,14 @@ class AsyncClient:
         timeout: float = 60.0,
         max_retries: int = 3,
         max_retry_wait: float = 60.0,
+        reconnect_backoff: float = 0.5,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         url, headers = _settings(base_url, api_key)
         self.base_url = url
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self.reconnect_backoff = reconnect_backoff
         self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, transport=transport)
 
     async def aclose(self) -> None:
@@ -387,37 +458,27 @@ class AsyncClient:
     async def _follow(
         self, task_id: str, on_progress: AsyncProgressCallback | None, deadline: float | None
     ) -> Task:
-        last_id: str | None = None
-        failures = 0
+        cursor = _EventCursor(task_id, deadline, self.reconnect_backoff)
         while True:
-            left = _remaining(deadline, task_id)
-            read = STREAM_READ_SECONDS if left is None else min(left, STREAM_READ_SECONDS)
-            headers = {"Last-Event-ID": last_id} if last_id else {}
+            cause: BaseException | None = None
             try:
-                async with aconnect_sse(
-                    self._http,
-                    "GET",
-                    f"/v1/tasks/{task_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(self._http.timeout.connect, read=read),
-                ) as source:
+                async with aconnect_sse(self._http, **cursor.request(self._http.timeout.connect)) as source:
                     if source.response.status_code == 204:
                         return await self.get(task_id)
                     if source.response.is_error:
                         await source.response.aread()
                         _check(source.response)
                     async for event in source.aiter_sse():
-                        failures = 0
-                        last_id = event.id or last_id
-                        progress, task = _progress(task_id, event)
+                        update = cursor.accept(event)
+                        if update is None:
+                            continue
+                        progress, task = update
                         await _report(on_progress, progress)
-                        if event.event == "end" and task is not None:
+                        if task is not None:
                             return task
-                        _remaining(deadline, task_id)
-            except (httpx.TransportError, SSEError) as exc:
-                failures += 1
-                if failures >= MAX_STREAM_FAILURES:
-                    raise _StreamUnavailable from exc
+            except _STREAM_FAILURES as exc:
+                cause = exc
+            await asyncio.sleep(cursor.dropped(cause))
 
     async def _poll(
         self, task_id: str, on_progress: AsyncProgressCallback | None, deadline: float | None

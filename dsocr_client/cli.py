@@ -170,12 +170,11 @@ def convert(
             interrupted = True
             err.print("interrupted: " + ("leaving tasks running" if detach else "canceling tasks in flight"))
             batch.interrupt(cancel=not detach)
-    outcomes = sorted(batch.outcomes, key=lambda o: o.path)
-    ok = all(o.status in ("succeeded", "skipped") for o in outcomes) and len(outcomes) == len(documents)
+    outcomes = sorted(batch.results(), key=lambda o: o.path)  # every document, whatever happened to it
+    ok = all(o.status in ("succeeded", "skipped") for o in outcomes)
     if as_json:
-        counts = {
-            s: sum(o.status == s for o in outcomes) for s in ("succeeded", "skipped", "failed", "canceled")
-        }
+        statuses = ("succeeded", "skipped", "failed", "canceled", "running")
+        counts = {s: sum(o.status == s for o in outcomes) for s in statuses}
         summary = {
             "ok": ok,
             "interrupted": interrupted,
@@ -191,7 +190,10 @@ def convert(
 @cli.command()
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="Address to listen on (APP_HOST). (default: 0.0.0.0)")
+        str | None,
+        typer.Option(
+            help="Address to listen on (APP_HOST). (default: 0.0.0.0 with APP_API_KEYS, else 127.0.0.1)"
+        ),
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (APP_PORT). (default: 8000)")] = None,
 ) -> None:

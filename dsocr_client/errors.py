@@ -118,3 +118,14 @@ def error_from_response(response: httpx.Response) -> ApiError:
     if status >= 500:
         return ServerError(code, message, status)
     return _BY_STATUS.get(status, ApiError)(code, message, status)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The reason to show a person for ``exc``, whatever it is: the server's ``code: message`` for a
+    ``DsocrError``, the OS's words (``os_error: ...``) for a file that cannot be read or written,
+    else ``internal_error:`` with the exception's class and text."""
+    if isinstance(exc, DsocrError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, OSError):
+        return f"os_error: {exc}"
+    return f"internal_error: {type(exc).__name__}: {exc}"

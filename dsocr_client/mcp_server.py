@@ -16,7 +16,14 @@ from mcp.server.mcpserver import Context, Image, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from dsocr_client._client import AsyncClient
-from dsocr_client.errors import AuthError, ConnectionFailed, DsocrError, NotFound, UnsupportedFile
+from dsocr_client.errors import (
+    AuthError,
+    ConnectionFailed,
+    DsocrError,
+    NotFound,
+    UnsupportedFile,
+    describe_error,
+)
 from dsocr_client.models import Progress
 
 
@@ -79,8 +86,12 @@ def build_server(base_url: str | None = None, api_key: str | None = None) -> MCP
                     reason = f"{task.error.code}: {task.error.message}" if task.error else task.status
                     raise ToolError(f"the conversion {task.status}: {reason}")
                 markdown = (await dsocr.result(task.task_id, "full.md")).decode()
+            except ToolError:
+                raise
             except DsocrError as exc:
                 raise _tool_error(exc, dsocr.base_url) from exc
+            except Exception as exc:  # the SDK would answer a bare "Error executing tool": say what
+                raise ToolError(f"the conversion could not be completed: {describe_error(exc)}") from exc
         return f"<!-- dsocr task_id: {task.task_id} -->\n{markdown}"
 
     @server.tool()

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.documents import make_pdf, png_bytes
+from tests.proxy import LONGER_THAN_KEEP_ALIVE, EventStreamProxy, a_page_done
 from tests.servers import wait_for
 from tests.test_api_e2e import PAGE_1
 
@@ -73,6 +74,69 @@ def test_a_folder_converts_reports_the_corrupt_file_and_a_rerun_skips(make_serve
     assert json.loads(forced.stdout)["succeeded"] == 1
 
 
+def test_documents_longer_than_the_keep_alive_are_all_written_and_reported(make_server, tmp_path):
+    server = make_server(answers=[PAGE_1], **LONGER_THAN_KEEP_ALIVE)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.pdf").write_bytes(make_pdf(3, picture_page=None))
+    (folder / "b.pdf").write_bytes(make_pdf(2, picture_page=None))
+    (folder / "photo.png").write_bytes(png_bytes())
+    (folder / "broken.pdf").write_bytes(CORRUPT_PDF)
+    with EventStreamProxy(server.url) as proxy:
+        dropping = proxy.drop_streams_when(a_page_done(server.client))  # and a proxy cuts the streams once
+        result = dsocr("convert", str(folder), "-o", "out", "-j", "2", "--json", url=proxy.url, cwd=tmp_path)
+        dropping.join()
+
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    by_name = {Path(d["path"]).name: d for d in summary["documents"]}
+    assert {name: d["status"] for name, d in by_name.items()} == {
+        "a.pdf": "succeeded",
+        "b.pdf": "succeeded",
+        "photo.png": "succeeded",
+        "broken.pdf": "failed",
+    }
+    assert by_name["broken.pdf"]["error"].startswith("invalid_document: ")
+    assert (summary["succeeded"], summary["failed"]) == (3, 1)
+    for name, pages in (("a", 3), ("b", 2), ("photo", 1)):
+        assert (
+            json.loads((tmp_path / "out" / name / "result.json").read_text())["progress"]["pages_done"]
+            == pages
+        )
+        assert "Page 1 heading" in (tmp_path / "out" / name / "full.md").read_text()
+    assert "Traceback" not in result.stderr
+    assert proxy.pings >= 5  # keep-alives arrived while the documents converted
+    assert proxy.dropped >= 1
+    assert [r for r in proxy.events_requests() if r.headers.get("last-event-id")]  # resumed, not restarted
+
+
+def test_a_document_whose_results_cannot_be_written_fails_and_the_rest_go_on(make_server, tmp_path):
+    server = make_server(answers=[PAGE_1])
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.pdf").write_bytes(make_pdf(1, picture_page=None))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b").write_text("a file where b's results would go")
+
+    # one worker thread: c is converted only if that thread outlives b's failure
+    result = dsocr(
+        "convert", "a.pdf", "b.pdf", "c.pdf", "-o", "out", "-j", "1", "--json", url=server.url, cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    by_name = {Path(d["path"]).name: d for d in json.loads(result.stdout)["documents"]}
+    assert {name: d["status"] for name, d in by_name.items()} == {
+        "a.pdf": "succeeded",
+        "b.pdf": "failed",
+        "c.pdf": "succeeded",
+    }
+    assert by_name["b.pdf"]["error"].startswith("os_error: ")
+    assert by_name["b.pdf"]["task_id"]  # converted on the server; only the writing failed
+    assert (tmp_path / "out" / "c" / "result.json").is_file()
+
+    table = dsocr("convert", "b.pdf", "-o", "out", url=server.url, cwd=tmp_path)
+    assert table.returncode == 1
+    assert "os_error" in table.stdout
+
+
 def test_usage_errors_exit_2_and_every_help_is_complete(tmp_path):
     missing = dsocr("convert", "nothing-here/*.pdf", url="http://127.0.0.1:9", cwd=tmp_path)
     assert missing.returncode == 2
@@ -124,3 +188,33 @@ def test_ctrl_c_cancels_the_tasks_in_flight(make_server, tmp_path):
     assert summary["interrupted"] is True
     assert summary["documents"][0]["status"] == "canceled"
     assert server.client.get(f"/v1/tasks/{running[0]['task_id']}").json()["status"] == "canceled"
+
+
+def test_ctrl_c_with_detach_lists_every_document(make_server, tmp_path):
+    server = make_server(answers=[PAGE_1], page_delay=0.5, ds_batch_size=1)
+    (tmp_path / "long.pdf").write_bytes(make_pdf(20, picture_page=None))
+    (tmp_path / "next.pdf").write_bytes(make_pdf(1, picture_page=None))
+    env = {**os.environ, "DSOCR_URL": server.url, "DSOCR_API_KEY": "sk_test"}
+    command = [sys.executable, "-m", "dsocr_client.cli", "convert", "long.pdf", "next.pdf", "-j", "1"]
+    with subprocess.Popen(
+        [*command, "--detach", "--json"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        running = wait_for(
+            lambda: [t for t in server.client.get("/v1/tasks").json()["tasks"] if t["status"] == "running"]
+        )
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    task_id = running[0]["task_id"]
+    server.client.delete(f"/v1/tasks/{task_id}")  # detached: it would run on after the test
+    assert process.returncode == 130, stderr
+    summary = json.loads(stdout)
+    by_name = {Path(d["path"]).name: d for d in summary["documents"]}
+    assert (by_name["long.pdf"]["status"], by_name["long.pdf"]["task_id"]) == ("running", task_id)
+    assert by_name["next.pdf"]["status"] == "canceled"
+    assert by_name["next.pdf"]["error"] == "interrupted before it was sent"
+    assert (summary["running"], summary["canceled"]) == (1, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -20,8 +21,11 @@ from dsocr_client import (
     Progress,
     QueueFull,
     UnsupportedFile,
+    WaitTimeout,
 )
+from dsocr_client._client import MAX_STREAM_FAILURES
 from tests.documents import make_pdf, png_bytes
+from tests.proxy import LONGER_THAN_KEEP_ALIVE, EventStreamProxy, a_page_done
 from tests.servers import wait_for
 from tests.test_api_e2e import PAGE_1, PAGE_2, PAGE_3
 
@@ -159,12 +163,66 @@ def test_wait_falls_back_to_long_polling_when_streams_fail(make_server, pdf):
     server = make_server(answers=[PAGE_1], ds_batch_size=1)
     transport = CountingTransport(refuse_events=True)
     seen: list[Progress] = []
-    with Client(server.url, "sk_test", transport=transport) as client:
+    with Client(server.url, "sk_test", transport=transport, reconnect_backoff=0.01) as client:
         task = client.submit(pdf)
         done = client.wait(task.task_id, on_progress=seen.append, timeout=60)
     assert done.status == "succeeded"
     assert seen[-1].status == "succeeded"
-    assert sum(path.endswith("/events") for path in transport.paths) == 3  # then GET ?wait=
+    assert sum(path.endswith("/events") for path in transport.paths) == MAX_STREAM_FAILURES  # then ?wait=
+
+
+def pages_seen(seen: list[Progress]) -> list[int]:
+    return [p.page for p in seen if p.page is not None]
+
+
+def test_wait_follows_a_task_longer_than_the_keep_alive_on_one_stream(make_server, pdf, tmp_path):
+    server = make_server(answers=[PAGE_1, PAGE_2, PAGE_3], **LONGER_THAN_KEEP_ALIVE)
+    seen: list[Progress] = []
+    with EventStreamProxy(server.url) as proxy, Client(proxy.url, "sk_test") as client:
+        task = client.submit(pdf)
+        done = client.wait(task.task_id, on_progress=seen.append, timeout=60)
+        client.download(task.task_id, tmp_path / "out")
+    assert (done.status, done.pages_done) == ("succeeded", 3)
+    assert pages_seen(seen) == [1, 2, 3]
+    assert (tmp_path / "out" / "images" / "p0003_01.png").is_file()  # the last page's figure
+    assert proxy.pings >= 5  # keep-alives did arrive while the pages ran ...
+    assert len(proxy.events_requests()) == 1  # ... and the stream went on through them
+
+
+def test_a_dropped_stream_is_resumed_with_last_event_id(make_server, pdf):
+    server = make_server(answers=[PAGE_1, PAGE_2, PAGE_3], **LONGER_THAN_KEEP_ALIVE)
+    seen: list[Progress] = []
+    with (
+        EventStreamProxy(server.url) as proxy,
+        Client(proxy.url, "sk_test", reconnect_backoff=0.05) as client,
+    ):
+        task = client.submit(pdf)
+        # mid-task the proxy cuts the stream, then answers 502 twice, as while its upstream restarts
+        dropping = proxy.drop_streams_when(a_page_done(server.client), refuse=2)
+        done = client.wait(task.task_id, on_progress=seen.append, timeout=60)
+        dropping.join()
+    assert proxy.dropped == 1
+    assert (done.status, done.pages_done) == ("succeeded", 3)
+    assert pages_seen(seen) == [1, 2, 3]  # every page once: none lost at the cut, none repeated
+    assert seen[-1].status == "succeeded"
+    streams = proxy.events_requests()
+    assert len(streams) == 4  # the first, two refused, the one that resumed
+    assert "last-event-id" not in streams[0].headers
+    resumed_from = [int(request.headers["last-event-id"]) for request in streams[1:]]
+    assert resumed_from[0] >= 1
+    assert len(set(resumed_from)) == 1  # the refused tries asked for the same events
+    assert not [r for r in proxy.requests if "wait=" in r.path]  # it resumed; it did not fall back to polling
+
+
+def test_wait_times_out_while_only_keep_alives_arrive(make_server, pdf):
+    server = make_server(answers=[PAGE_1], events_ping_seconds=0.1, page_delay=4, ds_batch_size=1)
+    with Client(server.url, "sk_test") as client:
+        task = client.submit(pdf, pages="1")
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            client.wait(task.task_id, timeout=1)
+        assert time.monotonic() - started < 3  # not when the page ends, 4 s on
+        assert client.cancel(task.task_id).status in ("running", "canceled")
 
 
 def test_list_pages_through_every_task(make_server):
@@ -176,6 +234,27 @@ def test_list_pages_through_every_task(make_server):
         assert len(list(client.list(limit=2, page_size=1))) == 2
         for task_id in ids:
             client.wait(task_id, timeout=60)
+
+
+async def test_the_async_client_follows_long_tasks_through_keep_alives_and_drops(make_server, pdf):
+    server = make_server(answers=[PAGE_1, PAGE_2, PAGE_3], **LONGER_THAN_KEEP_ALIVE)
+    seen: list[Progress] = []
+
+    async def on_progress(progress: Progress) -> None:
+        seen.append(progress)
+
+    with EventStreamProxy(server.url) as proxy:
+        async with AsyncClient(proxy.url, "sk_test", reconnect_backoff=0.05) as client:
+            task = await client.submit(pdf)
+            dropping = proxy.drop_streams_when(a_page_done(server.client), refuse=1)
+            done = await client.wait(task.task_id, on_progress=on_progress, timeout=60)
+        dropping.join()
+    assert (done.status, pages_seen(seen)) == ("succeeded", [1, 2, 3])
+    assert proxy.pings >= 5
+    assert proxy.dropped == 1
+    streams = proxy.events_requests()
+    assert len(streams) == 3
+    assert all(request.headers.get("last-event-id") for request in streams[1:])
 
 
 async def test_the_async_client_does_the_same(make_server, tmp_path):

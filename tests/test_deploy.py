@@ -6,6 +6,7 @@ A missing one fails its test instead of skipping it: CI must not pass by checkin
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
 import json
 import os
@@ -14,7 +15,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import urlsplit
@@ -227,6 +230,9 @@ def test_compose_combination_is_valid(files: tuple[str, ...]) -> None:
         max_num_seqs = vllm["command"][vllm["command"].index("--max-num-seqs") + 1]
         assert dsocr["environment"]["APP_VLLM_CONCURRENCY"] == max_num_seqs  # see README's "Run with vLLM"
         assert dsocr["depends_on"]["vllm"]["condition"] == "service_healthy"
+        # A fixed cap (8192) plus the prompt exceeds DeepSeek-OCR's 8192-token context, and vLLM
+        # refuses such a request: the service derives the cap from the server's max_model_len.
+        assert "APP_VLLM_MAX_TOKENS" not in dsocr["environment"]
         vllm_version = next(
             a for i, a in instructions("Dockerfile.vllm") if i == "ARG" and "VLLM_VERSION=" in a
         )
@@ -277,28 +283,50 @@ def settings_from_environment(
     return Settings()
 
 
-def test_scale_compose_refuses_to_start_without_its_secret(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("MINIO_ROOT_PASSWORD", raising=False)
-    empty = tmp_path / "empty.env"  # instead of a developer's .env, which may set it
+# What docker-compose.scale.yml cannot start without: MinIO's password, and the one key every replica
+# signs share links with (unset, each process draws its own and refuses the others' links).
+SCALE_COMPOSE_SECRETS = {
+    "MINIO_ROOT_PASSWORD": "compose-test-password",
+    "APP_LINK_SECRET": "compose-link-key",
+}
+
+
+def scale_compose_config(secrets: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``docker compose -f docker-compose.scale.yml config`` with ``secrets`` as the only variables set."""
+    empty = tmp_path / "empty.env"  # instead of a developer's .env, which may set them
     empty.write_text("")
-    result = subprocess.run(
-        [tool("docker-compose"), "--env-file", str(empty), "-f", SCALE_COMPOSE, "config", "-q"],
+    environment = {k: v for k, v in os.environ.items() if k not in SCALE_COMPOSE_SECRETS} | secrets
+    return subprocess.run(
+        [tool("docker-compose"), "--env-file", str(empty), "-f", SCALE_COMPOSE, "config", "--format", "json"],
         cwd=REPO,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.parametrize("missing", SCALE_COMPOSE_SECRETS)
+def test_scale_compose_refuses_to_start_without_its_secrets(missing: str, tmp_path: Path) -> None:
+    given = {k: v for k, v in SCALE_COMPOSE_SECRETS.items() if k != missing}
+    result = scale_compose_config(given, tmp_path)
     assert result.returncode != 0
-    assert "MINIO_ROOT_PASSWORD" in result.stderr
+    assert missing in result.stderr
+
+    result = scale_compose_config(SCALE_COMPOSE_SECRETS, tmp_path)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    # Every process that signs links (the API replicas, and the workers for published links) has the key.
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["APP_LINK_SECRET"] == SCALE_COMPOSE_SECRETS["APP_LINK_SECRET"]
 
 
 def test_scale_compose_wires_api_replicas_workers_redis_and_s3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MINIO_ROOT_PASSWORD", "compose-test-password")
+    for name, value in SCALE_COMPOSE_SECRETS.items():
+        monkeypatch.setenv(name, value)
     run("docker-compose", "-f", SCALE_COMPOSE, "config", "-q")
     services = compose_config((SCALE_COMPOSE,))["services"]
     for name, service in services.items():
@@ -354,6 +382,7 @@ def test_scale_compose_wires_api_replicas_workers_redis_and_s3(
     assert worker["environment"]["APP_VLLM_URL"] == "http://vllm:8000"
     assert worker["environment"]["APP_VLLM_MODEL"] == vllm["command"][0] == "deepseek-ai/DeepSeek-OCR"
     assert worker["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert "APP_VLLM_MAX_TOKENS" not in worker["environment"]  # derived from the server's context
     max_num_seqs = int(vllm["command"][vllm["command"].index("--max-num-seqs") + 1])
     # The workers together fill the server's batch, as one service does in docker-compose.vllm.yml.
     assert worker["deploy"]["replicas"] * int(worker["environment"]["APP_VLLM_CONCURRENCY"]) == max_num_seqs
@@ -379,7 +408,8 @@ def waits_for(services: dict[str, Any], name: str) -> set[str]:
 
 
 def test_scale_compose_with_monitoring_scrapes_every_replica(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MINIO_ROOT_PASSWORD", "compose-test-password")
+    for name, value in SCALE_COMPOSE_SECRETS.items():
+        monkeypatch.setenv(name, value)
     files = (SCALE_COMPOSE, SCALE_MONITORING_COMPOSE)
     run("docker-compose", *(a for f in files for a in ("-f", f)), "config", "-q")
     services = compose_config(files)["services"]
@@ -561,12 +591,14 @@ def test_documented_defaults_are_the_services_defaults(
 
 RELEASE = "ocr"
 FULLNAME = f"{RELEASE}-dsocr"
+# Where the workflow pushes, for an owner (the chart requires image.repository; render() adds it).
+REPOSITORY = "ghcr.io/example/dsocr-server"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 CHART_VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "api-keys": {"auth": {"apiKeys": ["sk_a", "sk_b"]}},
     "existing-secret": {"auth": {"existingSecret": "dsocr-keys", "secretKey": "keys"}},
-    "gpu": {"image": {"tag": "gpu"}, "gpu": 1, "runtimeClassName": "nvidia", "tolerations": [GPU_TOLERATION]},
+    "gpu": {"gpu": 1, "runtimeClassName": "nvidia", "tolerations": [GPU_TOLERATION]},
     "ingress": {
         "ingress": {
             "enabled": True,
@@ -595,7 +627,7 @@ SCALE_OUT: dict[str, Any] = {
 SCALE_OUT_VARIANTS: dict[str, dict[str, Any]] = {
     "scale-out": {
         **SCALE_OUT,
-        "redis": {"url": "redis://dsocr-redis-master:6379/0"},
+        "redis": {"url": "redis://redis-master:6379/0"},
         "auth": {"apiKeys": ["sk_a"]},
         "api": {"replicas": 3, "image": {"tag": "cpu"}},
         "worker": {"replicas": 2},
@@ -608,15 +640,15 @@ SCALE_OUT_VARIANTS: dict[str, dict[str, Any]] = {
     },
     "scale-out-keda": {
         **SCALE_OUT,
-        "redis": {"existingSecret": "dsocr-redis", "secretKey": "url"},
+        "redis": {"existingSecret": "dsocr-redis-url", "secretKey": "url"},
         "worker": {
             "autoscaling": {
                 "minReplicas": 0,
                 "maxReplicas": 8,
                 "keda": {
                     "enabled": True,
-                    "redisAddress": "dsocr-redis-master:6379",
-                    "authenticationRef": "dsocr-redis",
+                    "redisAddress": "redis-master:6379",
+                    "authenticationRef": "redis-auth",
                 },
             }
         },
@@ -625,10 +657,16 @@ SCALE_OUT_VARIANTS: dict[str, dict[str, Any]] = {
         **SCALE_OUT,
         "redis": {"url": "rediss://redis.example.com:6380/2"},
         "worker": {"autoscaling": {"keda": {"enabled": True, "lagCount": 10}}},
+        # The workers' own Hugging Face cache on a claim they share, and a link key of one's own.
+        "modelCache": {"enabled": True, "existingClaim": "hf-cache"},
+        "secretSettings": {
+            **SCALE_OUT["secretSettings"],
+            "linkSecret": {"name": "dsocr-links", "key": "key"},
+        },
     },
     "scale-out-hpa": {
         **SCALE_OUT,
-        "redis": {"url": "redis://dsocr-redis-master:6379/0"},
+        "redis": {"url": "redis://redis-master:6379/0"},
         "worker": {
             "autoscaling": {
                 "minReplicas": 2,
@@ -643,13 +681,23 @@ SCALE_OUT_VARIANTS: dict[str, dict[str, Any]] = {
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
 
-def render_documents(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """The chart's manifests for ``values``."""
-    with helm_python.Chart.load(CHART) as chart:
-        manifests = chart.render(values=values, name=RELEASE, namespace="dsocr")
+def with_repository(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with an image.repository, which the chart refuses to install without."""
+    return {**values, "image": {"repository": REPOSITORY, **values.get("image", {})}}
+
+
+def manifest_documents(manifests: dict[str, str]) -> list[dict[str, Any]]:
     return [
         d for path, text in manifests.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d
     ]
+
+
+def render_documents(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's manifests for ``values`` (with REPOSITORY unless they name one), as `helm template`."""
+    with helm_python.Chart.load(CHART) as chart:
+        return manifest_documents(
+            chart.render(values=with_repository(values), name=RELEASE, namespace="dsocr")
+        )
 
 
 def render(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -666,7 +714,7 @@ def container(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def lint_findings(values: dict[str, Any]) -> list[Any]:
-    report = helm_python.lint(CHART, values, strict=True)
+    report = helm_python.lint(CHART, with_repository(values), strict=True)
     return report["errors"] + [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
 
 
@@ -682,6 +730,8 @@ def test_chart_renders_valid_manifests(variant: str) -> None:
     assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert main["resources"]["limits"].get("nvidia.com/gpu") == values.get("gpu")
+    assert main["image"] == expected_image(values, api=False)
+    assert main["imagePullPolicy"] == expected_pull_policy(values, main["image"])
     check_data_volume(values, manifests, pod)
     check_api_keys(values, manifests, main)
 
@@ -760,17 +810,19 @@ def pod_environment(pod: dict[str, Any]) -> dict[str, str]:
     return {v["name"]: v.get("value", "from-a-secret") for v in main["env"]}
 
 
-@pytest.mark.parametrize("variant", SCALE_OUT_VARIANTS)
+@pytest.mark.parametrize("variant", [*SCALE_OUT_VARIANTS, "readme"])
 def test_scale_out_renders_api_and_worker_deployments(
     variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    values = SCALE_OUT_VARIANTS[variant]
+    values = readme_scale_out_values() if variant == "readme" else SCALE_OUT_VARIANTS[variant]
     assert lint_findings(values) == []
     documents = render_documents(values)
     validate_manifests(documents)
     named = {(d["kind"], d["metadata"]["name"]): d for d in documents}
     assert len(named) == len(documents)
-    assert "PersistentVolumeClaim" not in {d["kind"] for d in documents}  # the state is in Redis and S3
+    # The state is in Redis and S3: the only claim is the one for the weights, if asked for.
+    claims = {name for kind, name in named if kind == "PersistentVolumeClaim"}
+    assert claims <= {f"{FULLNAME}-model-cache"}
 
     assert set(deployments(documents)) == {f"{FULLNAME}-api", f"{FULLNAME}-worker"}
     api, worker = named["Deployment", f"{FULLNAME}-api"], named["Deployment", f"{FULLNAME}-worker"]
@@ -781,8 +833,11 @@ def test_scale_out_renders_api_and_worker_deployments(
         (main,) = pod["spec"]["containers"]
         assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-        (volume,) = pod["spec"]["volumes"]
-        assert volume == {"name": "data", "emptyDir": {}}
+        volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+        assert volumes.pop("data") == {"name": "data", "emptyDir": {}}
+        check_model_cache(values, named, pod, holds_model=role == "worker")
+        assert not volumes.keys() - {"model-cache"}
+        check_link_secret(values, named, main)
         settings = settings_from_environment(pod_environment(pod["spec"]), monkeypatch, tmp_path)
         assert settings.role == role
         assert (settings.queue_backend, settings.storage_backend) == ("redis", "s3")
@@ -791,7 +846,7 @@ def test_scale_out_renders_api_and_worker_deployments(
         if values["redis"].get("existingSecret"):
             assert redis_url["valueFrom"]["secretKeyRef"] == {
                 "name": values["redis"]["existingSecret"],
-                "key": values["redis"]["secretKey"],
+                "key": values["redis"].get("secretKey", chart_values()["redis"]["secretKey"]),
             }
         else:
             assert redis_url["value"] == values["redis"]["url"]
@@ -815,9 +870,10 @@ def test_scale_out_renders_api_and_worker_deployments(
     assert worker_pod["spec"].get("runtimeClassName") == values.get("runtimeClassName")
     assert "tolerations" not in api_pod["spec"]
     assert worker_pod["spec"].get("tolerations") == values.get("tolerations")
-    image = values.get("image", {}).get("tag", "cpu")
-    assert worker_main["image"].endswith(f":{image}")
-    assert api_main["image"].endswith(f":{values.get('api', {}).get('image', {}).get('tag') or image}")
+    assert worker_main["image"] == expected_image(values, api=False)
+    assert api_main["image"] == expected_image(values, api=True)
+    for main in (api_main, worker_main):
+        assert main["imagePullPolicy"] == expected_pull_policy(values, main["image"])
 
     check_scale_out_services(values, named, api_pod, worker_pod)
     check_autoscaler(values, named, worker)
@@ -901,6 +957,54 @@ def check_autoscaler(
         assert metric["external"]["target"]["type"] == "AverageValue"
 
 
+def check_link_secret(
+    values: dict[str, Any], named: dict[tuple[str, str], dict[str, Any]], main: dict[str, Any]
+) -> None:
+    """Every scale-out pod signs share links with one key: the Secret the values name, else the chart's."""
+    (reference,) = [v["valueFrom"]["secretKeyRef"] for v in main["env"] if v["name"] == "APP_LINK_SECRET"]
+    own = values.get("secretSettings", {}).get("linkSecret", {})
+    if own.get("name"):
+        assert reference == own
+        assert ("Secret", f"{FULLNAME}-link") not in named
+    else:
+        assert reference == {"name": f"{FULLNAME}-link", "key": "link-secret"}
+        assert base64.b64decode(named["Secret", reference["name"]]["data"][reference["key"]])
+
+
+def check_model_cache(
+    values: dict[str, Any],
+    named: dict[tuple[str, str], dict[str, Any]],
+    pod: dict[str, Any],
+    *,
+    holds_model: bool,
+) -> None:
+    """With modelCache.enabled, a pod that holds the model keeps HF_HOME on the cache's claim.
+
+    Without it (or in an API replica) HF_HOME stays the image's, /data/huggingface.
+    """
+    (main,) = pod["spec"]["containers"]
+    hf_home = [v["value"] for v in main["env"] if v["name"] == "HF_HOME"]
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    cache = values.get("modelCache", {})
+    if not (cache.get("enabled") and holds_model):
+        assert hf_home == []
+        assert "model-cache" not in volumes
+        return
+    (mount,) = [m for m in main["volumeMounts"] if m["name"] == "model-cache"]
+    assert hf_home == [mount["mountPath"]]
+    assert not mount["mountPath"].startswith("/data")  # not inside the data volume, which it would shadow
+    claim = volumes["model-cache"]["persistentVolumeClaim"]["claimName"]
+    claims = {name for kind, name in named if kind == "PersistentVolumeClaim"}
+    if cache.get("existingClaim"):
+        assert claim == cache["existingClaim"]
+        assert claim not in claims
+    else:
+        defaults = chart_values()["modelCache"]
+        spec = named["PersistentVolumeClaim", claim]["spec"]
+        assert spec["accessModes"] == cache.get("accessModes", defaults["accessModes"])
+        assert spec["resources"]["requests"]["storage"] == cache.get("size", defaults["size"])
+
+
 SCALE_OUT_WITH_REDIS = {**SCALE_OUT, "redis": {"url": "redis://redis:6379/0"}}
 REFUSED_SCALE_OUTS: dict[str, tuple[dict[str, Any], str]] = {
     "no-redis": ({**SCALE_OUT}, "needs Redis"),
@@ -939,7 +1043,343 @@ REFUSED_SCALE_OUTS: dict[str, tuple[dict[str, Any], str]] = {
 def test_scale_out_refuses_values_that_cannot_work(case: str) -> None:
     values, message = REFUSED_SCALE_OUTS[case]
     with helm_python.Chart.load(CHART) as chart, pytest.raises(helm_python.HelmRenderError, match=message):
-        chart.render(values=values, name=RELEASE)
+        chart.render(values=with_repository(values), name=RELEASE)
+
+
+# --- images the workflow pushes ------------------------------------------------------------------
+
+
+def workflow_images() -> tuple[str, dict[str, str]]:
+    """Where the workflow pushes its images, and each Dockerfile's moving tag (its matrix).
+
+    Each build is also pushed as <tag>-<short sha> (docker/metadata-action's type=sha with that
+    prefix): the chart's tags must be among these, so a change to the workflow fails here.
+    """
+    image_job = load_yaml(WORKFLOW)["jobs"]["image"]
+    (meta,) = [step for step in image_job["steps"] if step.get("id") == "meta"]
+    assert set(meta["with"]["tags"].splitlines()) == {
+        "type=raw,value=${{ matrix.tag }}",
+        "type=sha,prefix=${{ matrix.tag }}-",
+    }
+    return meta["with"]["images"], {
+        e["dockerfile"]: e["tag"] for e in image_job["strategy"]["matrix"]["include"]
+    }
+
+
+def expected_image(values: dict[str, Any], *, api: bool) -> str:
+    """The image README "Helm (Kubernetes)" promises a pod: the tag the values set, else the
+    workflow's image that can run the pod's engine (the API replicas run none)."""
+    _, tags = workflow_images()
+    image, settings = values.get("image", {}), values.get("settings", {})
+    own = values.get("api", {}).get("image", {}) if api else {}
+    repository = own.get("repository") or image.get("repository") or REPOSITORY
+    tag = own.get("tag") or image.get("tag")
+    if not tag:
+        if api or settings.get("vllmUrl"):  # no model in the pod: the CPU image is enough
+            dockerfile = "Dockerfile.cpu"
+        elif settings.get("backend") == "vllm":
+            dockerfile = "Dockerfile.vllm"
+        else:
+            dockerfile = "Dockerfile.gpu" if values.get("gpu") else "Dockerfile.cpu"
+        tag = tags[dockerfile]
+    return f"{repository}:{tag}"
+
+
+def expected_pull_policy(values: dict[str, Any], image: str) -> str:
+    """The policy values set, else Always for the workflow's moving tags, IfNotPresent for the rest."""
+    _, tags = workflow_images()
+    moving = image.rsplit(":", 1)[1] in tags.values()
+    return values.get("image", {}).get("pullPolicy") or ("Always" if moving else "IfNotPresent")
+
+
+# Values, and the Dockerfile whose image runs them.
+IMAGE_FLAVOURS: dict[str, tuple[dict[str, Any], str]] = {
+    "cpu": ({}, "Dockerfile.cpu"),
+    "gpu": ({"gpu": 1}, "Dockerfile.gpu"),
+    "vllm-in-process": ({"gpu": 1, "settings": {"backend": "vllm"}}, "Dockerfile.vllm"),
+    "vllm-client": ({"settings": {"backend": "vllm", "vllmUrl": "http://vllm:8000"}}, "Dockerfile.cpu"),
+}
+
+
+@pytest.mark.parametrize("flavour", IMAGE_FLAVOURS)
+def test_default_image_is_one_the_workflow_pushes(flavour: str) -> None:
+    values, dockerfile = IMAGE_FLAVOURS[flavour]
+    _, tags = workflow_images()
+    main = container(render(values))
+    assert main["image"] == f"{REPOSITORY}:{tags[dockerfile]}" == expected_image(values, api=False)
+    # The tag moves with every push to main: IfNotPresent would keep whichever build a node has.
+    assert main["imagePullPolicy"] == "Always"
+
+
+def test_pinned_or_local_images_are_pulled_if_not_present() -> None:
+    _, tags = workflow_images()
+    pinned = f"{tags['Dockerfile.gpu']}-3f2a9c1"  # type=sha,prefix=<tag>-: one build, never moved
+    main = container(render({"gpu": 1, "image": {"tag": pinned}}))
+    assert (main["image"], main["imagePullPolicy"]) == (f"{REPOSITORY}:{pinned}", "IfNotPresent")
+    # README's local cluster: an image `kind load` put on the node, in no registry.
+    local = container(render({"image": {"repository": "dsocr-server", "tag": "cpu"}}))
+    assert (local["image"], local["imagePullPolicy"]) == ("dsocr-server:cpu", "IfNotPresent")
+    assert container(render({"image": {"pullPolicy": "IfNotPresent"}}))["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_chart_refuses_to_install_without_a_repository_and_readme_sets_the_workflows() -> None:
+    images, tags = workflow_images()
+    repository = images.replace("${{ github.repository_owner }}", "<owner>")
+    with (
+        helm_python.Chart.load(CHART) as chart,
+        pytest.raises(helm_python.HelmRenderError, match=re.escape(repository)),
+    ):
+        chart.render(values={}, name=RELEASE)
+    # README's install command, as a user pastes it (their owner for <owner>), pulls the CPU image.
+    (command,) = re.findall(
+        r"^helm install dsocr deploy/helm/dsocr \\\n(.*)$", readme_section("Helm (Kubernetes)"), re.M
+    )
+    values: dict[str, Any] = {}
+    for expression in re.findall(r"--set (\S+)", command):
+        values = merge(values, helm_python.parse_set_string(expression.replace("<owner>", "example")))
+    assert container(render(values))["image"] == f"{REPOSITORY}:{tags['Dockerfile.cpu']}"
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base`` key by key, as Helm merges several --set flags."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = merge(merged[key], value) if isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def test_chart_leaves_the_vllm_token_cap_to_the_server() -> None:
+    client = {"backend": "vllm", "vllmUrl": "http://vllm:8000"}
+    environment = {v["name"]: v.get("value") for v in container(render({"settings": client}))["env"]}
+    # A fixed 8192 plus the prompt exceeds DeepSeek-OCR's 8192-token context, and vLLM refuses the
+    # request: unset, the service derives the cap from the server's max_model_len.
+    assert "APP_VLLM_MAX_TOKENS" not in environment
+    capped = container(render({"settings": {**client, "vllmMaxTokens": 4096}}))["env"]
+    assert {"name": "APP_VLLM_MAX_TOKENS", "value": "4096"} in capped
+
+
+# --- model cache, link key, Redis recipe ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        {"enabled": True, "size": "40Gi", "accessModes": ["ReadWriteOnce"]},
+        {"enabled": True, "existingClaim": "hf"},
+    ],
+    ids=["new-claim", "existing-claim"],
+)
+def test_model_cache_keeps_the_weights_on_a_claim(cache: dict[str, Any]) -> None:
+    values = {"gpu": 1, "modelCache": cache}
+    assert lint_findings(values) == []
+    documents = render_documents(values)
+    validate_manifests(documents)
+    named = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    pod = named["Deployment", FULLNAME]["spec"]["template"]
+    check_model_cache(values, named, pod, holds_model=True)
+    # The records and results stay on the data claim.
+    (data,) = [v for v in pod["spec"]["volumes"] if v["name"] == "data"]
+    assert data["persistentVolumeClaim"]["claimName"] == FULLNAME
+
+
+class KubernetesSecrets:
+    """A Kubernetes API server holding Secrets, serving what Helm's `lookup` asks of a real one.
+
+    Helm's lookup (pkg/engine/lookup_func.go) finds the resource through discovery (GET /api/v1, an
+    APIResourceList), then GETs /api/v1/namespaces/<namespace>/secrets/<name>; only a 404 whose
+    Status has reason NotFound means "none" (an empty map), any other answer fails the render. Like
+    the real server (API conventions, "Response Status Kind"), every path it does not serve answers
+    404 with a Status, and a Secret is found in its own namespace only.
+    """
+
+    def __init__(self) -> None:
+        self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.lookups: list[tuple[str, str]] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.kubeconfig = yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "test", "cluster": {"server": f"http://127.0.0.1:{self._server.server_port}"}}
+                ],
+                "users": [{"name": "test", "user": {}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+                "current-context": "test",
+            }
+        )
+
+    def apply(self, secret: dict[str, Any], namespace: str) -> None:
+        """Store ``secret`` as `helm install` would have created it."""
+        self.secrets[namespace, secret["metadata"]["name"]] = secret
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, path: str) -> tuple[int, dict[str, Any]]:
+        if path == "/api/v1":
+            resource = {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret"}
+            return 200, {
+                "kind": "APIResourceList",
+                "groupVersion": "v1",
+                "resources": [{**resource, "verbs": ["get"]}],
+            }
+        found = re.fullmatch(r"/api/v1/namespaces/([^/]+)/secrets/([^/]+)", path)
+        if found:
+            self.lookups.append((found[1], found[2]))
+            secret = self.secrets.get((found[1], found[2]))
+            if secret is not None:
+                return 200, secret
+        status = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "reason": "NotFound",
+            "code": 404,
+        }
+        return 404, {**status, "message": f"{path} not found"}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        cluster = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                code, body = cluster.answer(urlsplit(self.path).path)
+                payload = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Keep the test's output for its failures."""
+
+        return Handler
+
+
+@pytest.fixture
+def kubernetes() -> Iterator[KubernetesSecrets]:
+    cluster = KubernetesSecrets()
+    yield cluster
+    cluster.close()
+
+
+def test_scale_out_link_key_survives_upgrades(kubernetes: KubernetesSecrets) -> None:
+    values = with_repository(SCALE_OUT_VARIANTS["scale-out"])
+    name, namespace = f"{FULLNAME}-link", "dsocr"
+
+    def link_secret(documents: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes]:
+        """The chart's link Secret among ``documents``, and the key it holds."""
+        named = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+        for deployment in deployments(documents).values():
+            (main,) = deployment["spec"]["template"]["spec"]["containers"]
+            check_link_secret(values, named, main)  # every pod reads the key from it
+        secret = named["Secret", name]
+        return secret, base64.b64decode(secret["data"]["link-secret"], validate=True)
+
+    with (
+        helm_python.Chart.load(CHART) as chart,
+        helm_python.Config(kubeconfig_content=kubernetes.kubeconfig, namespace=namespace) as cluster,
+    ):
+
+        def release(*, upgrade: bool) -> list[dict[str, Any]]:
+            """What `helm install` (or `helm upgrade`) renders against the cluster: lookup reads it."""
+            return manifest_documents(
+                cluster.render(
+                    chart,
+                    values,
+                    name=RELEASE,
+                    namespace=namespace,
+                    is_install=not upgrade,
+                    is_upgrade=upgrade,
+                )
+            )
+
+        secret, key = link_secret(release(upgrade=False))
+        assert len(key) >= 32  # far past what a guess could find
+        assert (namespace, name) in kubernetes.lookups
+        kubernetes.apply(secret, namespace)  # what `helm install` created
+
+        assert link_secret(release(upgrade=True))[1] == key  # links signed before the upgrade still open
+
+        kubernetes.secrets.clear()  # another installation draws its own key, not one every install shares
+        assert link_secret(release(upgrade=False))[1] != key
+    # `helm template` reads no cluster and still renders one.
+    assert link_secret(render_documents(values))[1]
+
+
+def readme_section(title: str) -> str:
+    """The text of README.md's ``## title`` section."""
+    return (REPO / "README.md").read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def readme_scale_out_values() -> dict[str, Any]:
+    """The values file README's "Helm (Kubernetes)" installs for scale-out, with an owner for <owner>."""
+    (block,) = [
+        b
+        for b in code_blocks(readme_section("Helm (Kubernetes)"), "yaml")
+        if b.startswith("# scale-out.yaml")
+    ]
+    values: dict[str, Any] = yaml.safe_load(block.replace("<owner>", "example"))
+    return values
+
+
+def bitnami_redis_names(release: str) -> tuple[str, str, str]:
+    """The Secret, its password key and the Service Bitnami's redis chart (standalone) makes for ``release``.
+
+    bitnami/common's common.names.fullname is the release name when it holds the chart's name, else
+    <release>-redis; redis.secretName is that (auth.existingSecret unset), redis.secretPasswordKey
+    redis-password, and the standalone master's Service <fullname>-master.
+    """
+    fullname = release if "redis" in release else f"{release}-redis"
+    return fullname, "redis-password", f"{fullname}-master"
+
+
+def test_readme_redis_recipe_gives_the_chart_the_secret_it_names() -> None:
+    section = readme_section("Helm (Kubernetes)")
+    (recipe,) = [b for b in code_blocks(section, "bash") if "bitnamicharts/redis" in b]
+    recipe = recipe.replace("\\\n", " ")
+    installed = re.search(
+        r"^helm install (\S+) oci://registry-1\.docker\.io/bitnamicharts/redis ", recipe, re.M
+    )
+    assert installed is not None
+    bitnami_secret, bitnami_key, master = bitnami_redis_names(installed[1])
+    # The password comes from where Bitnami's chart keeps it.
+    assert f"kubectl get secret {bitnami_secret} -o jsonpath='{{.data.{bitnami_key}}}'" in recipe
+    created = re.search(
+        r'kubectl create secret generic (\S+) +--from-literal=([\w-]+)="redis://:\$\{REDIS_PASSWORD\}@([\w.-]+):(\d+)/\d+"',
+        recipe,
+    )
+    assert created is not None
+    ours, key, host, port = created.groups()
+    # Not Bitnami's own Secret: `kubectl create` would find it taken, or Bitnami's chart ours.
+    assert ours != bitnami_secret
+    assert host == master
+    heredoc = re.search(r"<<'EOF'\n(.*?)\nEOF\n", recipe, re.S)
+    assert heredoc is not None
+    authentication = yaml.safe_load(heredoc[1])
+    assert authentication["kind"] == "TriggerAuthentication"
+    assert authentication["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": bitnami_secret, "key": bitnami_key}
+    ]
+    assert "helm install dsocr deploy/helm/dsocr -f scale-out.yaml" in recipe
+
+    documents = render_documents(readme_scale_out_values())
+    for deployment in deployments(documents).values():
+        (main,) = deployment["spec"]["template"]["spec"]["containers"]
+        (url,) = [v for v in main["env"] if v["name"] == "APP_REDIS_URL"]
+        assert url["valueFrom"]["secretKeyRef"] == {"name": ours, "key": key}
+    (scaled_object,) = [d for d in documents if d["kind"] == "ScaledObject"]
+    for trigger in scaled_object["spec"]["triggers"]:
+        assert trigger["metadata"]["address"] == f"{host}:{port}"
+        assert trigger["authenticationRef"] == {"name": authentication["metadata"]["name"]}
 
 
 def test_values_match_their_schema() -> None:
@@ -951,12 +1391,12 @@ def test_values_match_their_schema() -> None:
         helm_python.Chart.load(CHART) as chart,
         pytest.raises(helm_python.HelmValuesError, match="maxWorker"),
     ):
-        chart.render(values={"settings": {"maxWorker": 2}}, name=RELEASE)
+        chart.render(values=with_repository({"settings": {"maxWorker": 2}}), name=RELEASE)
     with (
         helm_python.Chart.load(CHART) as chart,
         pytest.raises(helm_python.HelmValuesError, match="/redis/url"),
     ):
-        chart.render(values={"redis": {"url": "redis-master:6379"}}, name=RELEASE)
+        chart.render(values=with_repository({"redis": {"url": "redis-master:6379"}}), name=RELEASE)
 
 
 def test_templates_use_only_values_that_exist() -> None:

@@ -1,8 +1,9 @@
-"""The ``vllm`` engine against scripted OpenAI-compatible servers on loopback, and its manager.
+"""The ``vllm`` engine against OpenAI-compatible servers on loopback, and its manager.
 
 What a real server cannot be made to do on cue (answer 503, send garbage, hang, say it is vLLM) is
-scripted with ``FakeOpenAI``; tests/test_vllm_e2e.py runs the same engine against a real
-``transformers serve``.
+scripted with ``FakeOpenAI``; what vLLM's front end enforces (the context length, its fields) is
+enforced by ``VllmStandIn``; tests/test_vllm_e2e.py runs the same engine against a real
+``transformers serve`` and the stand-in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -25,7 +27,14 @@ from app.engines.async_base import ConcurrentEngine
 from app.engines.base import END_MARKER, RecognizeOptions
 from app.engines.factory import engine_factory, server_health_check
 from app.engines.manager import DispatchLimits, ModelManager
-from app.engines.vllm import NGRAM_ARGS, RemoteEngine, check_server, normalize_base_url
+from app.engines.token_budget import DEFAULT_PROMPT_BOUND
+from app.engines.vllm import (
+    NGRAM_ARGS,
+    RemoteEngine,
+    check_server,
+    encode_image,
+    normalize_base_url,
+)
 from app.engines.vllm_local import VllmEngine
 from app.errors import EngineError, ModelUnavailable
 from app.metrics import Metrics
@@ -33,7 +42,7 @@ from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
 from app.pipeline.sniff import DocumentKind
 from app.storage.local import LocalStore
-from tests.openai_servers import FakeOpenAI, Reply, completion, request_image
+from tests.openai_servers import FakeOpenAI, Reply, VllmStandIn, completion, request_image
 from tests.servers import free_port
 from tests.standins import StandInGpu
 
@@ -183,11 +192,283 @@ async def test_retries_are_bounded_and_the_error_names_the_server(fake: FakeOpen
 
 
 async def test_a_request_the_server_refuses_is_not_retried(fake: FakeOpenAI, engine: RemoteEngine) -> None:
-    fake.replies.append(Reply({"detail": "maximum context length is 8192 tokens"}, status=400))
-    with pytest.raises(EngineError, match="refused a page: HTTP 400") as caught:
+    refusal = {
+        "message": "The model `ocr` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
+    fake.replies.append(Reply({"error": refusal}, status=404))
+    with pytest.raises(EngineError, match="refused a page: HTTP 404") as caught:
         await engine.recognize_page(page(), OPTIONS)
-    assert "maximum context length" in caught.value.message
+    assert "The model `ocr` does not exist." in caught.value.message
     assert len(fake.requests) == 1
+
+
+# --- the token cap: never more than the server's context ---------------------------------------------
+
+
+@pytest.fixture
+def vllm() -> Iterator[VllmStandIn]:
+    server = VllmStandIn(max_model_len=8192)
+    yield server
+    server.close()
+
+
+A4 = (1191, 1684)  # px, an A4 page at 144 dpi: 2 x 3 tiles, 903 image tokens on vLLM
+
+
+@pytest.mark.parametrize(
+    ("max_model_len", "configured"),
+    [(8192, None), (8192, 8192), (8192, 2000), (4096, None), (4096, 8192)],
+    ids=["8192-unset", "8192-old-default", "8192-below", "4096-unset", "4096-old-default"],
+)
+async def test_pages_ask_for_no_more_than_the_context_leaves(
+    max_model_len: int, configured: int | None
+) -> None:
+    server = VllmStandIn(max_model_len=max_model_len)
+    engine = remote(server.url, max_tokens=configured)
+    try:
+        await engine.start()
+        text = await engine.recognize_page(page(A4), OPTIONS)
+    finally:
+        await engine.stop()
+        server.close()
+    assert server.statuses == [200]  # no refusal, no second try
+    assert text.stop_reason == "eos"
+    assert text.text.startswith("<|ref|>title<|/ref|>")  # skip_special_tokens: false kept the tags
+    ((body, _),) = server.requests
+    prompt = server.prompt_tokens(body)
+    assert body["max_tokens"] + prompt <= max_model_len
+    if configured is not None and configured < max_model_len - DEFAULT_PROMPT_BOUND:
+        assert body["max_tokens"] == configured  # a cap that fits is the user's
+    else:
+        assert body["max_tokens"] > max_model_len - prompt - 150  # the page gets nearly all the room
+
+
+async def test_a_server_that_reports_no_context_gets_the_models_own(fake: FakeOpenAI) -> None:
+    # transformers serve lists no max_model_len; an omitted max_tokens would mean its 1024 tokens.
+    fake.owned_by = "deepseek-ai"
+    uncapped, capped = remote(fake.url, max_tokens=None), remote(fake.url, max_tokens=9000)
+    for engine in (uncapped, capped):
+        await engine.start()
+        await engine.recognize_page(page(A4), OPTIONS)
+        await engine.stop()
+    first, second = fake.chat_bodies()
+    assert 7000 < first["max_tokens"] <= 8192 - 933  # the model's 8192, less the worst image
+    assert second["max_tokens"] == first["max_tokens"]  # 9000 is clamped likewise
+
+
+async def test_a_page_refused_for_length_is_asked_again_once_with_exactly_the_room_left() -> None:
+    # A server built with DeepSeek's own limit of 9 tiles: a tall strip costs 1263 image tokens,
+    # more than the 933 vLLM's 6 tiles can, so the engine's bound is short and the server refuses.
+    server = VllmStandIn(max_model_len=8192, max_tiles=9)
+    engine = remote(server.url, max_tokens=None)
+    try:
+        await engine.start()
+        text = await engine.recognize_page(page((100, 900)), OPTIONS)
+    finally:
+        await engine.stop()
+        server.close()
+    assert server.statuses == [400, 200]
+    first, second = server.chat_bodies()
+    prompt = server.prompt_tokens(first)
+    assert prompt + first["max_tokens"] > 8192
+    assert second["max_tokens"] == 8192 - prompt  # exactly what the refusal said was left
+    assert text.stop_reason == "eos"
+
+
+# Every wording vLLM has used for the refusal, with the room it leaves (context minus prompt).
+WORDINGS = {
+    "v0.9": (
+        {
+            "object": "error",
+            "message": "This model's maximum context length is 8192 tokens. However, you requested 9207 "
+            "tokens (1015 in the messages, 8192 in the completion). Please reduce the length of the "
+            "messages or completion.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+        8192 - 1015,
+    ),
+    "v0.11": (
+        {
+            "error": {
+                "message": "'max_tokens' or 'max_completion_tokens' is too large: 7163. This model's maximum "
+                "context length is 8192 tokens and your request has 1050 input tokens (7163 > 8192 - 1050).",
+                "type": "BadRequestError",
+                "param": "max_tokens",
+                "code": 400,
+            }
+        },
+        8192 - 1050,
+    ),
+    "main, context shrunk": (
+        {
+            "error": {
+                "message": "This model's maximum context length is 4096 tokens. However, you requested 7163 "
+                "output tokens and your prompt contains 990 input tokens, for a total of 8153 tokens. Please "
+                "reduce the length of the input prompt or the number of requested output tokens. "
+                "(parameter=input_tokens, value=990)",
+                "type": "BadRequestError",
+                "param": "input_tokens",
+                "code": 400,
+            }
+        },
+        4096 - 990,
+    ),
+}
+
+
+@pytest.mark.parametrize("wording", list(WORDINGS))
+async def test_every_vllm_wording_of_the_refusal_is_read(
+    fake: FakeOpenAI, engine: RemoteEngine, wording: str
+) -> None:
+    refusal, room = WORDINGS[wording]
+    fake.replies.append(Reply(refusal, status=400))
+    result = await engine.recognize_page(page(A4), OPTIONS)
+    assert result.text == "hello" + END_MARKER
+    _, second = fake.chat_bodies()
+    assert second["max_tokens"] == min(room, 321)  # 321: this engine's own cap, still an upper bound
+    uncapped = remote(fake.url, max_tokens=None)
+    await uncapped.start()
+    fake.replies.append(Reply(refusal, status=400))
+    await uncapped.recognize_page(page(A4), OPTIONS)
+    await uncapped.recognize_page(page(A4), OPTIONS)  # the next page starts from the context stated
+    await uncapped.stop()
+    *_, retried, following = fake.chat_bodies()
+    assert retried["max_tokens"] == room
+    context = 4096 if "shrunk" in wording else 8192
+    assert following["max_tokens"] == context - DEFAULT_PROMPT_BOUND
+
+
+async def test_a_page_refused_twice_fails_naming_the_numbers(fake: FakeOpenAI, engine: RemoteEngine) -> None:
+    refusal = Reply(
+        {
+            "error": {
+                "message": "This model's maximum context length is 8192 tokens. However, you requested 7163 "
+                "output tokens and your prompt contains at least 1030 input tokens, for a total of at least "
+                "8193 tokens. Please reduce the length of the input prompt or the number of requested output "
+                "tokens. (parameter=input_tokens, value=1030)",
+                "type": "BadRequestError",
+                "param": "input_tokens",
+                "code": 400,
+            }
+        },
+        status=400,
+    )
+    fake.replies.extend([refusal, refusal])
+    with pytest.raises(EngineError) as caught:
+        await engine.recognize_page(page(A4), OPTIONS)
+    assert len(fake.requests) == 2  # asked again once, not more
+    message = caught.value.message
+    assert "refused a page twice" in message
+    assert "(8192 tokens)" in message
+    assert "at least 1030 input tokens" in message
+
+
+async def test_a_prompt_that_alone_overflows_the_context_fails_naming_both_numbers() -> None:
+    server = VllmStandIn(max_model_len=512)  # a server started with --max-model-len 512
+    engine = remote(server.url, max_tokens=None)
+    try:
+        await engine.start()
+        with pytest.raises(EngineError) as caught:
+            await engine.recognize_page(page(A4), OPTIONS)
+    finally:
+        await engine.stop()
+        server.close()
+    assert server.statuses == [400]  # no second try: no room would be left
+    prompt = server.prompt_tokens(server.chat_bodies()[0])
+    assert prompt > 512
+    message = caught.value.message
+    assert f"prompt alone (its image and the instruction) is {prompt} tokens" in message
+    assert "max_model_len) of 512" in message
+    assert "--max-model-len" in message
+
+
+async def test_a_refusal_for_length_without_the_count_fails_with_the_servers_words(
+    fake: FakeOpenAI, engine: RemoteEngine
+) -> None:
+    fake.replies.append(
+        Reply({"error": {"message": "This model's maximum context length is 8192 tokens."}}, status=400)
+    )
+    with pytest.raises(EngineError, match="without saying the prompt's length") as caught:
+        await engine.recognize_page(page(), OPTIONS)
+    assert "maximum context length is 8192 tokens" in caught.value.message
+    assert len(fake.requests) == 1
+
+
+# --- the stand-in of vLLM refuses what vLLM refuses ---------------------------------------------------
+
+
+def chat_body(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "deepseek-ai/DeepSeek-OCR",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": encode_image(page(A4))}},
+                    {"type": "text", "text": PROMPT},
+                ],
+            }
+        ],
+        "max_tokens": 100,
+    }
+    body.update(fields)
+    return {key: value for key, value in body.items() if value is not None}
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "said"),
+    [
+        (
+            {"max_tokens": 8192},
+            400,
+            "This model's maximum context length is 8192 tokens. However, you requested 8192 output "
+            "tokens and your prompt contains 912 input tokens, for a total of 9104 tokens.",
+        ),
+        ({"model": "ocr"}, 404, "The model `ocr` does not exist."),
+        ({"messages": None}, 400, "'loc': ('body', 'messages'), 'msg': 'Field required'"),
+        ({"max_tokens": 0}, 400, "max_tokens must be at least 1, got 0."),
+        ({"max_tokens": "many"}, 400, "'loc': ('body', 'max_tokens')"),
+        (
+            {"vllm_xargs": {"ngram_size": 0}},
+            400,
+            "`ngram_size` has to be a strictly positive integer, got 0.",
+        ),
+    ],
+    ids=["too-long", "unknown-model", "no-messages", "zero-tokens", "tokens-not-int", "bad-ngram"],
+)
+def test_the_vllm_stand_in_refuses_what_vllm_refuses(
+    vllm: VllmStandIn, fields: dict[str, Any], status: int, said: str
+) -> None:
+    response = httpx.post(f"{vllm.url}/v1/chat/completions", json=chat_body(**fields))
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == status
+    assert said in error["message"]
+    served = httpx.post(f"{vllm.url}/v1/chat/completions", json=chat_body(model=None, max_tokens=None))
+    assert served.status_code == 200  # no model: the served one; no max_tokens: the room left
+    usage = served.json()["usage"]
+    assert usage["prompt_tokens"] == 912  # 903 for the A4 page's image, 9 for the text
+    assert served.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_vllm_stand_in_checks_its_key_and_lists_its_context() -> None:
+    server = VllmStandIn(max_model_len=4096, api_key="sk-vllm")
+    try:
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        listed = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sk-vllm"}).json()
+    finally:
+        server.close()
+    (entry,) = listed["data"]
+    assert (entry["id"], entry["owned_by"], entry["max_model_len"]) == (
+        "deepseek-ai/DeepSeek-OCR",
+        "vllm",
+        4096,
+    )
 
 
 async def test_a_server_that_is_down_fails_start_with_its_url() -> None:
@@ -212,13 +493,34 @@ async def test_a_slow_answer_times_out_and_is_retried_then_fails(fake: FakeOpenA
     await engine.stop()
 
 
-async def test_the_health_check_says_whether_the_server_answers(fake: FakeOpenAI) -> None:
+async def test_the_health_check_says_whether_the_server_answers_and_the_cap_it_allows(
+    fake: FakeOpenAI, vllm: VllmStandIn
+) -> None:
     up = await check_server(f"{fake.url}/v1", api_key=None, timeout_seconds=2)
     assert (up.url, up.reachable) == (fake.url, True)
+    assert up.max_model_len is None
+    assert up.max_tokens == 8192 - DEFAULT_PROMPT_BOUND
+    assert "DeepSeek-OCR's own context of 8192 (the server reports no max_model_len)" in up.max_tokens_source
+
+    strict = await check_server(vllm.url, api_key=None, timeout_seconds=2, max_tokens=8192)
+    assert (strict.reachable, strict.max_model_len, strict.max_tokens) == (
+        True,
+        8192,
+        8192 - DEFAULT_PROMPT_BOUND,
+    )
+    assert strict.max_tokens_source == (
+        f"APP_VLLM_MAX_TOKENS=8192 clamped to max_model_len 8192 from /v1/models, "
+        f"less up to {DEFAULT_PROMPT_BOUND} tokens of prompt"
+    )
+    modest = await check_server(vllm.url, api_key=None, timeout_seconds=2, max_tokens=2000)
+    assert modest.max_tokens == 2000
+    assert modest.max_tokens_source.startswith("APP_VLLM_MAX_TOKENS=2000, within max_model_len 8192")
+
     down_url = f"http://127.0.0.1:{free_port()}"
     down = await check_server(down_url, api_key=None, timeout_seconds=2)
     assert (down.url, down.reachable) == (down_url, False)
     assert "cannot connect" in down.detail
+    assert (down.max_model_len, down.max_tokens) == (None, None)
 
 
 def test_base_urls_are_normalised() -> None:
@@ -228,9 +530,12 @@ def test_base_urls_are_normalised() -> None:
 
 
 def test_vllm_settings_are_checked_at_start_up(tmp_path: Path) -> None:
-    blanks: dict[str, Any] = {"vllm_url": " ", "vllm_model": "", "vllm_api_key": ""}  # empty APP_VLLM_*
-    settings = Settings(data_dir=tmp_path, backend="vllm", **blanks)
+    blanks: dict[str, Any] = {"vllm_url": " ", "vllm_model": "", "vllm_api_key": "", "vllm_max_tokens": ""}
+    settings = Settings(data_dir=tmp_path, backend="vllm", **blanks)  # empty APP_VLLM_* in a compose file
     assert (settings.vllm_url, settings.vllm_model, settings.vllm_api_key) == (None, None, None)
+    assert settings.vllm_max_tokens is None  # unset: the server's context decides
+    with pytest.raises(ValidationError):
+        Settings(data_dir=tmp_path, backend="vllm", vllm_max_tokens=0)
     with pytest.raises(ValidationError, match="APP_VLLM_URL must be an http"):
         Settings(data_dir=tmp_path, backend="vllm", vllm_url="vllm:8000")
     with pytest.raises(ValidationError):
@@ -425,11 +730,11 @@ def standin_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
         del sys.modules[name]
 
 
-def local_engine(timeout_seconds: float = 5.0) -> VllmEngine:
+def local_engine(timeout_seconds: float = 5.0, max_tokens: int | None = 4096) -> VllmEngine:
     return VllmEngine(
         "deepseek-ai/DeepSeek-OCR",
         concurrency=8,
-        max_tokens=4096,
+        max_tokens=max_tokens,
         timeout_seconds=timeout_seconds,
         gpu_memory_utilization=0.8,
         max_model_len=8192,
@@ -476,4 +781,14 @@ async def test_in_process_vllm_keeps_what_a_page_had_at_its_time_cap(standin_vll
     await engine.start()
     text = await engine.recognize_page(page(), OPTIONS)
     assert (text.text, text.stop_reason, text.tokens) == ("# Ti", "timeout", 1)
+    await engine.stop()
+
+
+async def test_in_process_vllm_leaves_an_unset_cap_to_vllm(standin_vllm: Any) -> None:
+    # vLLM's input processor gives a request without max_tokens what max_model_len leaves after it.
+    engine = local_engine(max_tokens=None)
+    await engine.start()
+    await engine.recognize_page(page(), OPTIONS)
+    ((_, params),) = standin_vllm.built[0].requests
+    assert params.kwargs["max_tokens"] is None
     await engine.stop()

@@ -13,6 +13,7 @@ from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, ImageContent, TextContent
 
 from tests.documents import make_pdf
+from tests.proxy import LONGER_THAN_KEEP_ALIVE, EventStreamProxy, a_page_done
 from tests.test_api_e2e import PAGE_1, PAGE_2, PAGE_3
 
 
@@ -68,6 +69,31 @@ async def test_convert_document_returns_markdown_with_progress_then_layout_and_f
         unsupported = await session.call_tool("convert_document", {"path_or_url": str(notes)})
         assert unsupported.is_error
         assert "unsupported file" in text(unsupported)
+
+
+async def test_convert_document_outlasts_keep_alives_and_a_dropped_stream(make_server, tmp_path):
+    server = make_server(answers=[PAGE_1, PAGE_2, PAGE_3], **LONGER_THAN_KEEP_ALIVE)
+    pdf = tmp_path / "paper.pdf"
+    pdf.write_bytes(make_pdf(3))
+    reports: list[tuple[float, float | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, total))
+
+    with EventStreamProxy(server.url) as proxy:
+        async with stdio_client(params(proxy.url)) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            dropping = proxy.drop_streams_when(a_page_done(server.client))
+            result = await session.call_tool(
+                "convert_document", {"path_or_url": str(pdf)}, progress_callback=on_progress
+            )
+            dropping.join()
+    assert not result.is_error, text(result)
+    assert "images/p0003_01.png" in text(result)
+    assert [done for done, _ in reports if done] == [1, 2, 3, 3]  # each page once, then the end
+    assert proxy.pings >= 5
+    assert proxy.dropped == 1
+    assert [r for r in proxy.events_requests() if r.headers.get("last-event-id")]
 
 
 async def test_clear_errors_for_a_wrong_key_and_an_unreachable_server(make_server, tmp_path: Path):

@@ -7,6 +7,7 @@ import logging
 
 from app.config import Settings
 from app.engines.manager import Engine, EngineFactory, HealthCheck
+from app.engines.token_budget import prompt_token_bound
 from app.engines.vllm import RemoteEngine, check_server
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,30 @@ def planned_model(settings: Settings) -> tuple[str, str] | None:
 
 
 def server_health_check(settings: Settings) -> HealthCheck | None:
-    """For /readyz: a probe of the OCR server, when the engine talks to one (``APP_VLLM_URL``)."""
+    """For /readyz: a probe of the OCR server, when the engine talks to one (``APP_VLLM_URL``).
+
+    It also reports the server's context and the token cap a page in the default mode gets from it,
+    worked out as the engine does (``RemoteEngine.token_cap``), before the engine is even started.
+    """
     url = settings.vllm_url
     if settings.backend != "vllm" or url is None:
         return None
     api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
     timeout = min(HEALTH_TIMEOUT_SECONDS, settings.vllm_timeout_seconds)
-    return lambda: check_server(url, api_key=api_key, timeout_seconds=timeout)
+    bound = prompt_token_bound(
+        settings.ds_prompt_override,
+        base_size=settings.ds_base_size,
+        image_size=settings.ds_image_size,
+        crop_mode=settings.ds_crop_mode,
+    )
+    return lambda: check_server(
+        url,
+        api_key=api_key,
+        timeout_seconds=timeout,
+        model=settings.vllm_model,
+        max_tokens=settings.vllm_max_tokens,
+        prompt_bound=bound,
+    )
 
 
 def _build_vllm(settings: Settings) -> tuple[Engine, str]:

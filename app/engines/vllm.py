@@ -20,10 +20,21 @@ token as ``finish_reason: "stop"`` and leave the token out of the text (vLLM doe
 eos gets ``END_MARKER`` appended here when the server stripped it. We send no stop strings, so
 ``"stop"`` can only mean eos.
 
+The token cap: vLLM's OpenAI front end refuses (400) any request whose prompt tokens plus
+``max_tokens`` exceed the model's context, ``max_model_len``; DeepSeek-OCR's context is 8192 tokens,
+so ``max_tokens: 8192`` fails every page. Each page therefore asks for the room its prompt leaves
+(``TokenCap``): the context is ``max_model_len`` of the model's entry in ``GET /v1/models`` (vLLM
+and SGLang report it), the prompt is bounded from above (``prompt_token_bound``: the image tokens of
+the worst tile grid, the instruction's bytes, the chat template), and ``APP_VLLM_MAX_TOKENS``, when
+set, is an upper bound within that room. Should the server still refuse a page for its length (a
+geometry of its own, a context changed since ``start``), the engine reads the prompt's length from
+the refusal and asks once more for exactly the room left; a page whose prompt alone fills the
+context fails with an error that names both numbers.
+
 Faults: connection errors, timeouts, 408/429/5xx answers and malformed bodies are retried with
 exponential backoff up to ``retries`` times; then the page fails with an ``EngineError`` that names
-the server and the last cause. Other 4xx answers (a prompt too long, a wrong model name) are not
-retried: the same request would get the same answer.
+the server and the last cause. Other 4xx answers (a wrong model name, a bad field) are not retried:
+the same request would get the same answer.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import httpx
@@ -42,6 +54,16 @@ from PIL import Image
 
 from app.engines.async_base import ServerHealth
 from app.engines.base import END_MARKER, PageText, RecognizeOptions, StopReason
+from app.engines.token_budget import (
+    ASSUMED_CONTEXT_TOKENS,
+    DEFAULT_PROMPT_BOUND,
+    ContextRefusal,
+    TokenCap,
+    context_refusal,
+    prompt_token_bound,
+    reported_context,
+    served_entry,
+)
 from app.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -128,16 +150,29 @@ def page_text_from_completion(payload: Any) -> PageText:
     return PageText(text=content, stop_reason=stop, tokens=tokens if isinstance(tokens, int) else 0)
 
 
+class _TooLong(EngineError):
+    """The server refused a page for its context's length (``refusal`` holds what it said)."""
+
+    def __init__(self, url: str, refusal: ContextRefusal) -> None:
+        super().__init__(
+            f"the OCR server at {url} refused a page as longer than its context: {refusal.answer}"
+        )
+        self.refusal = refusal
+
+
 class RemoteEngine:
     """DeepSeek-OCR on an OpenAI-compatible server; a ``ConcurrentEngine``.
 
     ``start`` opens the HTTP client and asks ``GET /v1/models`` for the model name (unless
-    ``model`` is given) and the server kind (unless ``server_kind`` is not ``"auto"``); it raises
-    ``EngineError`` naming the URL when the server cannot be reached. A server that lists no model
-    (``transformers serve`` pinned to one checkpoint) is sent requests without a ``model`` field and
-    answers with its default. ``recognize_page`` sends one chat completion per page, at most
-    ``max_tokens`` tokens, each attempt bounded by ``timeout_seconds``, failed attempts retried
-    ``retries`` times with exponential backoff from ``backoff_seconds``.
+    ``model`` is given), the server kind (unless ``server_kind`` is not ``"auto"``) and the model's
+    context (``max_model_len``); it raises ``EngineError`` naming the URL when the server cannot be
+    reached. A server that lists no model (``transformers serve`` pinned to one checkpoint) is sent
+    requests without a ``model`` field and answers with its default. ``recognize_page`` sends one
+    chat completion per page asking for at most ``token_cap.max_tokens(...)`` tokens (``max_tokens``
+    given here, ``None`` for no cap of our own, is an upper bound within the room the context
+    leaves), each attempt bounded by ``timeout_seconds``, failed attempts retried ``retries`` times
+    with exponential backoff from ``backoff_seconds``, and a refusal for length once, with the room
+    the server's own count leaves.
     """
 
     def __init__(
@@ -147,7 +182,7 @@ class RemoteEngine:
         model: str | None,
         api_key: str | None,
         concurrency: int,
-        max_tokens: int,
+        max_tokens: int | None,
         timeout_seconds: float,
         retries: int,
         server_kind: ServerKind = "auto",
@@ -155,22 +190,24 @@ class RemoteEngine:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
         self.url = normalize_base_url(base_url)
         self.model_name = model or f"{self.url} (model not yet asked)"
         self.max_concurrency = concurrency
         self.server_kind: ServerKind = server_kind
+        self.token_cap = TokenCap(ASSUMED_CONTEXT_TOKENS, reported=False, configured=max_tokens)
         self._model = model
         self._request_model = model  # what requests name; settled by start()
         self._configured_kind = server_kind
         self._api_key = api_key
-        self._max_tokens = max_tokens
         self._timeout = timeout_seconds
         self._retries = retries
         self._backoff = backoff_seconds
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        """Open the client and learn the model and server kind; no-op when started."""
+        """Open the client and learn the model, server kind and context; no-op when started."""
         if self._client is not None:
             return
         client = httpx.AsyncClient(
@@ -189,20 +226,32 @@ class RemoteEngine:
             raise
         self._adopt(listed)
         self._client = client
-        log.info("OCR server %s: model %s, server kind %s", self.url, self.model_name, self.server_kind)
+        log.info(
+            "OCR server %s: model %s, server kind %s; a default page asks for %d tokens (%s)",
+            self.url,
+            self.model_name,
+            self.server_kind,
+            self.token_cap.max_tokens(DEFAULT_PROMPT_BOUND),
+            self.token_cap.source(DEFAULT_PROMPT_BOUND),
+        )
 
     def _adopt(self, listed: list[dict[str, Any]]) -> None:
-        """Pick the model and the server kind from ``/v1/models``' entries."""
+        """Pick the model, the server kind and the context from ``/v1/models``' entries."""
         ids = [entry["id"] for entry in listed]
         if self._model is not None and ids and self._model not in ids:
             log.warning("OCR server %s does not list model %r (it lists %s)", self.url, self._model, ids)
         model = self._model or (ids[0] if ids else None)
         self.model_name = model or f"{self.url} (the server's default model)"
         if self._configured_kind == "auto":
-            entry = next((e for e in listed if e["id"] == model), listed[0] if listed else {})
-            owner = entry.get("owned_by")
+            owner = served_entry(listed, model).get("owned_by")
             self.server_kind = owner if owner in ("vllm", "sglang") else "openai"
         self._request_model = model
+        context = reported_context(listed, model)
+        self.token_cap = TokenCap(
+            context or ASSUMED_CONTEXT_TOKENS,
+            reported=context is not None,
+            configured=self.token_cap.configured,
+        )
 
     async def stop(self) -> None:
         """Close the HTTP client; the next ``start`` asks the server again."""
@@ -210,7 +259,7 @@ class RemoteEngine:
         if client is not None:
             await client.aclose()
 
-    def request_body(self, data_url: str, prompt: str) -> dict[str, Any]:
+    def request_body(self, data_url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
         """The chat-completion body for one page, with the extras this server kind accepts."""
         body: dict[str, Any] = {
             "messages": [
@@ -223,7 +272,7 @@ class RemoteEngine:
                 }
             ],
             "temperature": 0.0,
-            "max_tokens": self._max_tokens,
+            "max_tokens": max_tokens,
         }
         if self._request_model is not None:
             body["model"] = self._request_model
@@ -237,17 +286,83 @@ class RemoteEngine:
         """One chat completion for ``image``; ``options.prompt`` is the text part.
 
         ``max_new_tokens`` and ``timeout_seconds`` of ``options`` do not apply: this engine's own
-        ``max_tokens`` and ``timeout_seconds`` do (``APP_VLLM_MAX_TOKENS``,
-        ``APP_VLLM_TIMEOUT_SECONDS``), and the server decides the image geometry.
+        token cap and ``timeout_seconds`` do (``APP_VLLM_MAX_TOKENS``, ``APP_VLLM_TIMEOUT_SECONDS``).
+        The size options only bound the prompt's length: the server decides the image geometry.
+        Raises ``EngineError``; for a page the server finds too long even after the second try, or
+        whose prompt alone fills the context, one that names the token counts.
         """
         client = self._client
         if client is None:
             raise EngineError(f"the engine for the OCR server at {self.url} is not started")
         data_url = await asyncio.to_thread(encode_image, image)
-        body = self.request_body(data_url, options.prompt)
-        return await self._call(
-            "a page", lambda: client.post("/v1/chat/completions", json=body), _completion_page
+        bound = prompt_token_bound(
+            options.prompt,
+            base_size=options.base_size,
+            image_size=options.image_size,
+            crop_mode=options.crop_mode,
         )
+        body = self.request_body(data_url, options.prompt, self.token_cap.max_tokens(bound))
+
+        def send() -> Awaitable[httpx.Response]:
+            return client.post("/v1/chat/completions", json=body)
+
+        try:
+            return await self._call("a page", send, _completion_page)
+        except _TooLong as exc:
+            asked = body["max_tokens"]
+            body["max_tokens"] = self._room_left(exc.refusal, asked)
+            log.info(
+                "OCR server %s refused a page asking for %d tokens; asking again for %d, the room its "
+                "context of %d leaves after the page's %d prompt tokens",
+                self.url,
+                asked,
+                body["max_tokens"],
+                exc.refusal.context,
+                exc.refusal.prompt_tokens,
+            )
+        try:
+            return await self._call("a page", send, _completion_page)
+        except _TooLong as exc:
+            raise EngineError(
+                f"the OCR server at {self.url} refused a page twice as longer than its context "
+                f"({exc.refusal.context} tokens), the second time asking for {body['max_tokens']} "
+                f"tokens, the room its first answer left: {exc.refusal.answer}"
+            ) from exc
+
+    def _room_left(self, refusal: ContextRefusal, asked: int) -> int:
+        """``max_tokens`` for the second try at a page the server refused for length.
+
+        Adopts the context the server stated (it may have restarted with another ``max_model_len``
+        since ``start``). Raises ``EngineError`` when the server did not say the prompt's length, or
+        when the prompt alone leaves no room.
+        """
+        cap = self.token_cap
+        if refusal.context != cap.context:
+            log.warning(
+                "OCR server %s states a context of %d tokens, not %d; pages now ask for what it leaves",
+                self.url,
+                refusal.context,
+                cap.context,
+            )
+        if (refusal.context, True) != (cap.context, cap.reported):
+            self.token_cap = TokenCap(refusal.context, reported=True, configured=cap.configured)
+        prompt = refusal.prompt_tokens
+        if prompt is None:
+            raise EngineError(
+                f"the OCR server at {self.url} refused a page asking for {asked} tokens as longer than "
+                f"its context ({refusal.context} tokens) without saying the prompt's length: "
+                f"{refusal.answer}"
+            )
+        room = refusal.context - prompt
+        if room < 1:
+            size = f"at least {prompt}" if refusal.at_least else str(prompt)
+            raise EngineError(
+                f"the page's prompt alone (its image and the instruction) is {size} tokens and the OCR "
+                f"server at {self.url} has a context (max_model_len) of {refusal.context}: no room is "
+                "left for the page's text; serve the model with a larger --max-model-len"
+            )
+        configured = self.token_cap.configured
+        return room if configured is None else min(configured, room)
 
     async def _call(
         self,
@@ -255,7 +370,11 @@ class RemoteEngine:
         send: Callable[[], Awaitable[httpx.Response]],
         parse: Callable[[httpx.Response], T],
     ) -> T:
-        """``send`` until ``parse`` accepts the answer, retrying what is worth retrying."""
+        """``send`` until ``parse`` accepts the answer, retrying what is worth retrying.
+
+        Raises ``_TooLong`` for a refusal for length (the caller decides), ``EngineError`` for any
+        other refusal or when the retries run out.
+        """
         attempts = self._retries + 1
         cause = ""
         for attempt in range(1, attempts + 1):
@@ -264,6 +383,9 @@ class RemoteEngine:
                 if response.status_code in _RETRY_STATUSES or response.status_code >= 500:
                     raise _Retryable(f"HTTP {response.status_code}: {_snippet(response)}")
                 if response.is_error:
+                    refusal = context_refusal(response.status_code, response.text, _snippet(response))
+                    if refusal is not None:
+                        raise _TooLong(self.url, refusal)
                     raise EngineError(
                         f"the OCR server at {self.url} refused {what}: "
                         f"HTTP {response.status_code}: {_snippet(response)}"
@@ -311,17 +433,50 @@ def _completion_page(response: httpx.Response) -> PageText:
     return page_text_from_completion(_json(response))
 
 
-async def check_server(base_url: str, *, api_key: str | None, timeout_seconds: float) -> ServerHealth:
-    """Ask ``GET /v1/models`` once (no retries): whether the server answers, for /readyz."""
+@dataclass(frozen=True)
+class RemoteServerHealth(ServerHealth):
+    """``ServerHealth`` with the server's context and the token cap a page gets from it (for /readyz)."""
+
+    max_model_len: int | None  # as /v1/models reports it; None: not reported (or not reached)
+    max_tokens: int | None  # what a page in the default mode asks for; None: the server was not reached
+    max_tokens_source: str  # where that number comes from, in words
+
+
+async def check_server(
+    base_url: str,
+    *,
+    api_key: str | None,
+    timeout_seconds: float,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    prompt_bound: int = DEFAULT_PROMPT_BOUND,
+) -> RemoteServerHealth:
+    """Ask ``GET /v1/models`` once (no retries): whether the server answers, for /readyz, and the
+    cap a page with a prompt of at most ``prompt_bound`` tokens gets from the context it reports,
+    worked out as ``RemoteEngine`` does for ``model`` and ``max_tokens``."""
     url = normalize_base_url(base_url)
     started = time.perf_counter()
     headers = _auth_headers(api_key)
+    unknown = "not known until the server answers GET /v1/models"
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_seconds) as client:
         try:
             response = await client.get("/v1/models")
         except httpx.HTTPError as exc:
-            return ServerHealth(url, False, _describe(exc, timeout_seconds))
+            return RemoteServerHealth(url, False, _describe(exc, timeout_seconds), None, None, unknown)
     elapsed_ms = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
-        return ServerHealth(url, False, f"HTTP {response.status_code}: {_snippet(response)}")
-    return ServerHealth(url, True, f"answered in {elapsed_ms:.0f} ms")
+        detail = f"HTTP {response.status_code}: {_snippet(response)}"
+        return RemoteServerHealth(url, False, detail, None, None, unknown)
+    try:
+        context = reported_context(_models_listed(response), model)
+    except _Retryable:
+        context = None  # not an OpenAI model list: nothing reported, the engine assumes the model's own
+    cap = TokenCap(context or ASSUMED_CONTEXT_TOKENS, reported=context is not None, configured=max_tokens)
+    return RemoteServerHealth(
+        url,
+        True,
+        f"answered in {elapsed_ms:.0f} ms",
+        context,
+        cap.max_tokens(prompt_bound),
+        cap.source(prompt_bound),
+    )

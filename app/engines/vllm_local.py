@@ -49,7 +49,9 @@ def _import_vllm() -> tuple[Any, Any]:
 class VllmEngine:
     """DeepSeek-OCR in vLLM's ``AsyncLLMEngine``, in this process; a ``ConcurrentEngine``.
 
-    ``start`` builds the engine (minutes: weights, CUDA graphs) in a thread. ``recognize_page``
+    ``start`` builds the engine (minutes: weights, CUDA graphs) in a thread. ``max_tokens`` ``None``
+    leaves the cap to vLLM, which gives a request what ``max_model_len`` leaves after its prompt
+    (in-process there is no front end to refuse a larger one). ``recognize_page``
     streams one request per page and keeps the latest output, so a page that passes
     ``timeout_seconds`` ends with the text it had (``stop_reason="timeout"``) and its request is
     aborted, as the ``hf`` engine's ``max_time`` does. ``stop`` shuts vLLM down and frees the GPU.
@@ -60,7 +62,7 @@ class VllmEngine:
         model: str,
         *,
         concurrency: int,
-        max_tokens: int,
+        max_tokens: int | None,
         timeout_seconds: float,
         gpu_memory_utilization: float,
         max_model_len: int | None,

@@ -51,6 +51,67 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+The image tag of a pod: api.image.tag for the API replicas, else image.tag, else the flavour the
+values need among the tags .github/workflows/docker.yml pushes (tests/test_deploy.py reads them from
+the workflow): vllm where vLLM runs in the pod, gpu for the hf backend on a GPU, latest (the CPU
+image) for the rest, the API replicas and the clients of a vLLM server included. Arguments: root
+(the chart's context) and api (true for the API replicas of scale-out).
+*/}}
+{{- define "dsocr.imageTag" -}}
+{{- $values := .root.Values }}
+{{- $settings := $values.settings }}
+{{- if and .api $values.api.image.tag }}
+{{- $values.api.image.tag }}
+{{- else if $values.image.tag }}
+{{- $values.image.tag }}
+{{- else if and (not .api) (eq $settings.backend "vllm") (not $settings.vllmUrl) }}
+{{- "vllm" }}
+{{- else if and (not .api) (eq $settings.backend "hf") (gt (int $values.gpu) 0) }}
+{{- "gpu" }}
+{{- else }}
+{{- "latest" }}
+{{- end }}
+{{- end }}
+
+{{/*
+image.pullPolicy, else Always for the workflow's moving tags (each push to main moves latest, gpu
+and vllm, and IfNotPresent would keep whichever build a node pulled first) and IfNotPresent for any
+other tag (<flavour>-<sha> names one build; a local tag such as cpu is never in a registry).
+Arguments: those of dsocr.imageTag.
+*/}}
+{{- define "dsocr.imagePullPolicy" -}}
+{{- $moving := has (include "dsocr.imageTag" .) (list "latest" "gpu" "vllm") }}
+{{- .root.Values.image.pullPolicy | default (ternary "Always" "IfNotPresent" $moving) }}
+{{- end }}
+
+{{/*
+The Secret and key APP_LINK_SECRET comes from: secretSettings.linkSecret, else in scale-out the
+chart's own <fullname>-link (secret-link.yaml), else nothing (a random key per process).
+*/}}
+{{- define "dsocr.linkSecretRef" -}}
+{{- $linkSecret := .Values.secretSettings.linkSecret }}
+{{- if $linkSecret.name }}
+{{- toJson $linkSecret }}
+{{- else if .Values.scaleOut.enabled }}
+{{- toJson (dict "name" (printf "%s-link" (include "dsocr.fullname" .)) "key" "link-secret") }}
+{{- else }}
+{{- toJson dict }}
+{{- end }}
+{{- end }}
+
+{{/* The claim behind HF_HOME with modelCache.enabled: one you manage, else the chart's own. */}}
+{{- define "dsocr.modelCacheClaimName" -}}
+{{- default (printf "%s-model-cache" (include "dsocr.fullname" .)) .Values.modelCache.existingClaim }}
+{{- end }}
+
+{{/* Refuse values that leave the pods without an image to pull. */}}
+{{- define "dsocr.validateImage" -}}
+{{- if not .Values.image.repository }}
+{{- fail "image.repository is empty: set it to ghcr.io/<owner>/dsocr-server, where .github/workflows/docker.yml pushes the images (or to your own registry's copy)" }}
+{{- end }}
+{{- end }}
+
 {{/* The Redis Streams queue the workers' consumer group reads (app.tasks.queue). */}}
 {{- define "dsocr.queueStream" -}}dsocr:queue{{- end }}
 {{- define "dsocr.queueGroup" -}}workers{{- end }}
@@ -97,7 +158,8 @@ workers get the GPU.
 {{- $root := .root }}
 {{- $values := $root.Values }}
 {{- $api := eq .component "api" }}
-{{- $gpu := and (not $api) $values.gpu -}}
+{{- $gpu := and (not $api) $values.gpu }}
+{{- $modelCache := and (not $api) $values.modelCache.enabled -}}
 metadata:
   labels:
     {{- include "dsocr.componentSelectorLabels" . | nindent 4 }}
@@ -130,12 +192,9 @@ spec:
   terminationGracePeriodSeconds: 30
   containers:
     - name: dsocr
-      {{- if $api }}
-      image: "{{ $values.api.image.repository | default $values.image.repository }}:{{ $values.api.image.tag | default $values.image.tag }}"
-      {{- else }}
-      image: "{{ $values.image.repository }}:{{ $values.image.tag }}"
-      {{- end }}
-      imagePullPolicy: {{ $values.image.pullPolicy }}
+      {{- $image := dict "root" $root "api" $api }}
+      image: "{{ ternary $values.api.image.repository "" $api | default $values.image.repository }}:{{ include "dsocr.imageTag" $image }}"
+      imagePullPolicy: {{ include "dsocr.imagePullPolicy" $image }}
       securityContext:
         {{- toYaml $values.securityContext | nindent 8 }}
       ports:
@@ -150,6 +209,11 @@ spec:
           value: "8000"
         - name: APP_DATA_DIR
           value: /data
+        {{- if $modelCache }}
+        # The weights on modelCache's claim instead of under /data (the images' HF_HOME).
+        - name: HF_HOME
+          value: /models
+        {{- end }}
         {{- if or $values.auth.apiKeys $values.auth.existingSecret }}
         - name: APP_API_KEYS
           valueFrom:
@@ -183,6 +247,10 @@ spec:
         {{- end }}
         {{- end }}
         {{- range $key, $secret := $values.secretSettings }}
+        {{- /* Every process must sign share links with one key: scale-out keeps one if none is named. */}}
+        {{- if eq $key "linkSecret" }}
+        {{- $secret = include "dsocr.linkSecretRef" $root | fromJson }}
+        {{- end }}
         {{- if $secret.name }}
         - name: {{ printf "APP_%s" ($key | snakecase | upper) }}
           valueFrom:
@@ -220,6 +288,10 @@ spec:
       volumeMounts:
         - name: data
           mountPath: /data
+        {{- if $modelCache }}
+        - name: model-cache
+          mountPath: /models
+        {{- end }}
   volumes:
     - name: data
       {{- if and $values.persistence.enabled (not .component) }}
@@ -228,6 +300,11 @@ spec:
       {{- else }}
       emptyDir: {}
       {{- end }}
+    {{- if $modelCache }}
+    - name: model-cache
+      persistentVolumeClaim:
+        claimName: {{ include "dsocr.modelCacheClaimName" $root }}
+    {{- end }}
   {{- with (ternary $values.api.nodeSelector $values.nodeSelector $api) }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
