@@ -48,7 +48,7 @@ def build_backends(settings: Settings, metrics: Metrics) -> Backends:
             events=MemoryEventHub(),
         )
     # Imported here: the one-process default needs neither redis-py nor a bucket client.
-    from app.storage.redis_conn import async_client, sync_client
+    from app.storage.redis_conn import async_client, async_pool_size, sync_client
     from app.storage.redis_records import RedisRecords
     from app.storage.s3 import S3Bucket, s3_bucket_config
     from app.storage.shared import SharedStore
@@ -56,8 +56,15 @@ def build_backends(settings: Settings, metrics: Metrics) -> Backends:
     from app.tasks.redis_queue import RedisQueue
 
     assert settings.redis_url is not None  # Settings refuses redis without a URL
-    records_client = sync_client(settings.redis_url)
-    stream_client = async_client(settings.redis_url)
+    records_client = sync_client(settings.redis_url, pool_timeout=settings.redis_pool_timeout_seconds)
+    # Bounded: streams and long-polls on an API process (capped, app.api.stream_caps), worker loops.
+    streams = settings.max_streams_total if settings.role != "worker" else 0
+    workers = settings.max_workers if settings.role != "api" else 0
+    stream_client = async_client(
+        settings.redis_url,
+        max_connections=async_pool_size(streams=streams, workers=workers),
+        pool_timeout=settings.redis_pool_timeout_seconds,
+    )
     store = SharedStore(
         records=RedisRecords(records_client),
         bucket=S3Bucket(s3_bucket_config(settings, max_attempts=5)),

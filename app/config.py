@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     )
 
     # --- HTTP ---
-    host: str = "0.0.0.0"  # noqa: S104 - a container's service listens on every interface
+    # Unset: every interface (0.0.0.0) with APP_API_KEYS, this machine only (127.0.0.1) without; see
+    # ``listen_host``. The images, the compose files and the chart set 0.0.0.0 explicitly.
+    host: str | None = None
     port: int = 8000
     # Comma-separated Bearer keys (``sk_a,sk_b``); empty means the API is open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -47,10 +49,25 @@ class Settings(BaseSettings):
     url_read_timeout_seconds: float = Field(default=60, gt=0)  # per read, not for the whole download
     url_max_redirects: int = Field(default=5, ge=0)
 
+    # --- request bodies (see app.api.body_limits); uploads are bounded by APP_MAX_UPLOAD_MB ---
+    max_json_body_kb: int = Field(default=64, gt=0)  # KiB, any request body that is not a multipart upload
+
     # --- job system ---
     queue_max: int = Field(default=100, gt=0)  # tasks waiting (not running) before submit answers 429
     max_workers: int = Field(default=1, gt=0)  # tasks processed at once
     events_ping_seconds: float = Field(default=15, gt=0)  # s, keep-alive comment on idle event streams
+    # Held connections (see app.api.stream_caps): event streams and long-polls (``?wait=``) open at once
+    # in this process, per API key and in all; past either, 429. With auth off every caller is the one
+    # anonymous owner, so the per-key cap bounds them all together.
+    max_streams_per_key: int = Field(default=200, gt=0)  # connections
+    max_streams_total: int = Field(default=500, gt=0)  # connections
+
+    # --- document rendering (see app.pipeline.render_pool) ---
+    # Opening, checking and rendering documents run in these processes, shared by uploads and tasks;
+    # a request past a limit kills its process (the upload is refused, the task fails naming the page).
+    render_processes: int = Field(default=2, gt=0)  # processes
+    render_page_seconds: float = Field(default=60, gt=0)  # s, wall time per page render or upload check
+    render_memory_mb: int = Field(default=3072, ge=256)  # MiB of address space per process (RLIMIT_AS)
 
     # --- scale-out (see README "Scaling out"): API replicas and workers sharing Redis and S3 ---
     # all: one process accepts and processes; api: accepts, lists, streams, serves; worker: processes.
@@ -61,6 +78,9 @@ class Settings(BaseSettings):
     # s, a running task whose worker stops renewing its lease this long is delivered to another worker.
     visibility_timeout_seconds: float = Field(default=120, gt=0)
     s3_redirect_downloads: bool = False  # s3 storage: downloads answer 307 to a presigned URL
+    # s, how long a Redis command waits for a free connection of this process's bounded pool (sized
+    # from APP_MAX_STREAMS_TOTAL and APP_MAX_WORKERS, see app.storage.redis_conn) before a 503.
+    redis_pool_timeout_seconds: float = Field(default=5, gt=0)
 
     # --- model and engine ---
     backend: Literal["hf", "vllm"] = "hf"  # vllm: see the "vLLM" block below
@@ -90,7 +110,10 @@ class Settings(BaseSettings):
     vllm_model: str | None = None
     vllm_api_key: SecretStr | None = None  # Bearer key for the server
     vllm_concurrency: int = Field(default=16, gt=0)  # page requests in flight, across all tasks
-    vllm_max_tokens: int = Field(default=8192, gt=0)  # tokens per page (replaces APP_DS_MAX_NEW_TOKENS)
+    # Tokens per page (replaces APP_DS_MAX_NEW_TOKENS). Unset: as many as the server's context leaves
+    # after the prompt (max_model_len from its /v1/models; in-process, vLLM's own). Set: an upper bound,
+    # still clamped to that room, since vLLM refuses a request whose prompt plus max_tokens overflows.
+    vllm_max_tokens: int | None = Field(default=None, gt=0)
     vllm_timeout_seconds: float = Field(default=600, gt=0)  # s, per page request (queueing included)
     vllm_retries: int = Field(default=3, ge=0)  # extra attempts after a failed request; backoff doubles
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # in-process only
@@ -152,6 +175,7 @@ class Settings(BaseSettings):
         "vllm_url",
         "vllm_model",
         "vllm_api_key",
+        "vllm_max_tokens",
         "vllm_max_model_len",
         "s3_endpoint_url",
         "s3_bucket",
@@ -165,6 +189,7 @@ class Settings(BaseSettings):
         "link_secret",
         "link_base_url",
         "redis_url",
+        "host",
         mode="before",
     )
     @classmethod
@@ -226,6 +251,15 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "APP_S3_ACCESS_KEY_ID and APP_S3_SECRET_ACCESS_KEY are set together or not at all"
                 )
+
+    @property
+    def listen_host(self) -> str:
+        """The address ``python -m app`` listens on: ``APP_HOST`` as given, else every interface when
+        API keys are set and loopback when they are not, so that an open API is reachable from this
+        machine alone until keys are set or ``APP_HOST`` asks for more."""
+        if self.host is not None:
+            return self.host
+        return "0.0.0.0" if self.api_keys else "127.0.0.1"  # noqa: S104 - keys guard every interface
 
     @property
     def max_upload_bytes(self) -> int:

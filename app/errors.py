@@ -17,11 +17,15 @@ stores the same ``code`` and ``message`` on its record.
     │   ├── UnsupportedMediaType (415, unsupported_media_type)
     │   ├── InvalidOptions (422, invalid_options)
     │   ├── InvalidDocument (422, invalid_document)
+    │   │   └── DocumentTooComplex (422, document_too_complex)
+    │   │       ├── RenderTimeout (422, render_timeout)
+    │   │       └── RenderMemoryExceeded (422, render_memory_exceeded)
     │   ├── TooManyPages (422, too_many_pages)
     │   ├── IdempotencyKeyReused (422, idempotency_key_reused)
     │   ├── UrlNotAllowed (400, url_not_allowed)
     │   ├── UrlFetchFailed (400, url_fetch_failed)
-    │   └── QueueFull (429, queue_full; carries retry_after seconds)
+    │   ├── QueueFull (429, queue_full; carries retry_after seconds)
+    │   └── TooManyConnections (429, too_many_connections; carries retry_after seconds)
     └── ServerError (500, internal_error)
         ├── ServiceUnavailable (503, service_unavailable)
         ├── EngineError (500, engine_error)
@@ -132,6 +136,27 @@ class InvalidDocument(ClientError):
     code = "invalid_document"
 
 
+class DocumentTooComplex(InvalidDocument):
+    """Raised when reading or rendering a document kills its render process (a crash); the message
+    names the page. Its subclasses name the limit it passed."""
+
+    code = "document_too_complex"
+
+
+class RenderTimeout(DocumentTooComplex):
+    """Raised when a page, or the submit-time check of a document, runs past
+    ``APP_RENDER_PAGE_SECONDS`` (a render bomb, or a badly damaged file)."""
+
+    code = "render_timeout"
+
+
+class RenderMemoryExceeded(DocumentTooComplex):
+    """Raised when a page, or the submit-time check of a document, needs more memory than
+    ``APP_RENDER_MEMORY_MB`` allows a render process."""
+
+    code = "render_memory_exceeded"
+
+
 class TooManyPages(ClientError):
     """Raised when the selected pages exceed ``APP_MAX_PAGES``."""
 
@@ -165,6 +190,18 @@ class QueueFull(ClientError):
 
     status_code = 429
     code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyConnections(ClientError):
+    """Raised before an event stream or a long-poll starts when the caller's key, or the whole
+    process, already holds ``APP_MAX_STREAMS_PER_KEY`` or ``APP_MAX_STREAMS_TOTAL`` of them."""
+
+    status_code = 429
+    code = "too_many_connections"
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)

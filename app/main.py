@@ -17,8 +17,10 @@ from pydantic import ValidationError
 
 from app import __version__
 from app.api import links, system, tasks
+from app.api.body_limits import BodyLimits
 from app.api.errors import install_error_handlers
 from app.api.http_metrics import HttpMetricsMiddleware
+from app.api.stream_caps import StreamCaps
 from app.api.ui import install_console
 from app.backends import build_backends
 from app.config import Settings
@@ -27,6 +29,7 @@ from app.engines.factory import planned_model, server_health_check
 from app.engines.gpu import GpuGate, GpuProbe, NoGpu, NvmlProbe
 from app.engines.manager import EngineFactory, ModelManager
 from app.metrics import Metrics
+from app.pipeline.render_pool import RenderPool
 from app.pipeline.run import PagePipeline
 from app.storage.links import LinkSigner
 from app.storage.publish import publisher_from_settings
@@ -73,6 +76,12 @@ def create_app(
         health_check=server_health_check(settings),
         planned=planned,
     )
+    if serves_api and not settings.api_keys:
+        log.warning(
+            "APP_API_KEYS is empty: authentication is DISABLED. Anyone who can reach this service can "
+            "submit documents, read, download and cancel every task. Set APP_API_KEYS=<key>[,<key>...] "
+            "to require 'Authorization: Bearer <key>' on /v1/."
+        )
     if settings.link_secret is not None:
         link_secret = settings.link_secret.get_secret_value().encode()
     else:
@@ -103,9 +112,15 @@ def create_app(
         default_expire_seconds=settings.link_expire_seconds,
         max_expire_seconds=settings.link_max_expire_seconds,
     )
+    renders = RenderPool(
+        processes=settings.render_processes,
+        page_seconds=settings.render_page_seconds,
+        memory_mb=settings.render_memory_mb,
+    )
     service = TaskService(
         store=store,
         queue=backends.queue,
+        renders=renders,
         metrics=metrics,
         events=backends.events,
         followups=followups,
@@ -119,7 +134,7 @@ def create_app(
     )
     pool = WorkerPool(
         service=service,
-        pipeline=PagePipeline(store=store, models=models, metrics=metrics),
+        pipeline=PagePipeline(store=store, models=models, metrics=metrics, renders=renders),
         models=models,
         gate=GpuGate(probe, min_free_mb=gate_free_mb, poll_seconds=settings.gpu_poll_seconds),
         metrics=metrics,
@@ -142,6 +157,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backends.start()
+        await renders.start()
         await service.recover()
         if runs_workers:
             pool.start()
@@ -170,6 +186,7 @@ def create_app(
                 job.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await models.unload()
+            await renders.close()
             await backends.close()
 
     # /docs and /redoc serve Swagger UI and ReDoc from the service itself (fastapi-offline, pinned):
@@ -188,7 +205,17 @@ def create_app(
     app.state.followups = followups
     app.state.downloads = downloads
     app.state.metrics = metrics
+    app.state.stream_caps = StreamCaps(
+        per_key=settings.max_streams_per_key, total=settings.max_streams_total, metrics=metrics
+    )
     install_error_handlers(app)
+    app.add_middleware(
+        BodyLimits,
+        api_keys=settings.api_keys,
+        max_json_bytes=settings.max_json_body_kb * 1024,
+        max_upload_bytes=settings.max_upload_bytes,
+        metrics=metrics,
+    )  # inside the metrics middleware, which counts its refusals
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     app.include_router(system.router)  # every role answers /healthz, /readyz and /metrics
     if not serves_api:

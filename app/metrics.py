@@ -108,6 +108,16 @@ class Metrics:
         self.webhook_deliveries = Counter(
             "dsocr_webhook_deliveries", "Webhook deliveries that ended, by outcome", ["outcome"], registry=r
         )
+        # Held connections (app.api.stream_caps), of this process: kind is "events" or "wait".
+        self.streams_open = Gauge(
+            "dsocr_streams_open", "Event streams and long-polls held open now, by kind", ["kind"], registry=r
+        )
+        self.streams_refused = Counter(
+            "dsocr_streams_refused",
+            "Event streams and long-polls refused with 429, by the cap they met (per_key or total)",
+            ["cap"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "dsocr_http_requests",
             "HTTP requests by route template and status",

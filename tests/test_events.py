@@ -106,6 +106,18 @@ def test_a_finished_task_sends_its_end_at_once_even_after_a_restart(make_server)
     assert "event: end" in garbage.text
 
 
+def test_a_last_event_id_this_service_never_sent_starts_the_stream_afresh(make_server):
+    server = make_server(answers=[PAGE_1])
+    task_id = upload(server.client, make_pdf(1, picture_page=None)).json()["task_id"]
+    assert finished(server.client, task_id)["status"] == "succeeded"
+    # Digits that are not ASCII ("²" as Latin-1, as UTF-8, a fullwidth "1"), signs, exponents, hex,
+    # and counters longer than any task reaches: none is an id we sent, none is an error.
+    for header in (b"\xb2", b"\xc2\xb2", b"\xef\xbc\x91", b"-1", b"1e3", b"0x10", b"1" * 19, b"9" * 5000):
+        response = server.client.get(events_path(task_id), headers={"Last-Event-ID": header})
+        assert response.status_code == 200, (header, response.text)
+        assert [event.event for event in read_events(response)] == ["end"]
+
+
 def test_streams_need_a_key_and_show_only_the_callers_tasks(make_server):
     server = make_server(answers=[PAGE_1], api_keys="sk_one,sk_two")
     with (

@@ -12,10 +12,25 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from app.errors import InvalidDocument, InvalidOptions
-from app.pipeline.pages import PageImage, count_pages, render_pages, select_pages, validate_page_spec
+from app.errors import InvalidDocument, InvalidOptions, TooManyPages
+from app.pipeline.pages import (
+    Inspection,
+    PageImage,
+    count_pages,
+    inspect_document,
+    open_document,
+    render_pages,
+    select_pages,
+    validate_page_spec,
+)
 from app.pipeline.sniff import DocumentKind
 from tests.documents import png_declaring
+from tests.test_hostile_documents import (
+    chunk_padded_png,
+    lying_count_pdf,
+    many_frame_tiff,
+    marker_padded_jpeg,
+)
 
 MAX_PIXELS = 40_000_000  # the service's default APP_MAX_PAGE_PIXELS
 
@@ -102,6 +117,30 @@ def test_pages_past_the_end_are_refused_naming_the_page() -> None:
         select_pages("2-8", 5)
 
 
+@pytest.mark.parametrize(
+    ("spec", "page_count", "selected"),
+    [
+        (None, 2**31 - 1, 2**31 - 1),  # what a lying /Count may claim: refused before any list exists
+        ("1-3,2-600", 1000, 600),
+        ("1-3,2-4,10,4", 10, 5),
+        ("7-,1", 10**9, 10**9 - 5),
+    ],
+)
+def test_a_selection_past_the_page_limit_is_refused_before_it_is_built(
+    spec: str | None, page_count: int, selected: int
+) -> None:
+    started = time.perf_counter()
+    with pytest.raises(TooManyPages) as caught:
+        select_pages(spec, page_count, max_pages=4)
+    assert caught.value.message.startswith(f"{selected} pages selected; the limit is 4 (APP_MAX_PAGES)")
+    assert time.perf_counter() - started < 0.1
+
+
+def test_a_selection_at_the_page_limit_is_kept() -> None:
+    assert select_pages("1-3,2-4,10", 10, max_pages=5) == [1, 2, 3, 4, 10]
+    assert select_pages(None, 3, max_pages=3) == [1, 2, 3]
+
+
 def test_validate_page_spec_checks_syntax_only() -> None:
     validate_page_spec("1-3,7,10-")
     validate_page_spec("900")  # the page count is not known yet
@@ -183,7 +222,107 @@ def test_a_pdf_without_pages_is_an_invalid_document(tmp_path: Path) -> None:
         count_pages(path, DocumentKind.PDF)
 
 
+def test_inspect_document_selects_pages_and_loads_each_one(make_pdf: Callable[..., Path]) -> None:
+    path = make_pdf(pages=4)
+    assert inspect_document(path, DocumentKind.PDF, "2-3", max_pages=10, max_pixels=MAX_PIXELS) == (
+        Inspection(page_count=4, numbers=[2, 3])
+    )
+    with pytest.raises(TooManyPages, match="4 pages selected; the limit is 3"):
+        inspect_document(path, DocumentKind.PDF, None, max_pages=3, max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.parametrize("count", [b"5", b"2147483647", b"-3", b"99999999999"])
+def test_a_pdf_whose_page_count_is_unusable_is_an_invalid_document(tmp_path: Path, count: bytes) -> None:
+    path = tmp_path / "lying.pdf"
+    path.write_bytes(lying_count_pdf(count))
+    with pytest.raises(InvalidDocument, match="the PDF's page tree is damaged"):
+        count_pages(path, DocumentKind.PDF)
+    with pytest.raises(InvalidDocument, match="the PDF's page tree is damaged"):
+        _render(path, DocumentKind.PDF, [1])
+
+
+def test_a_pdf_that_claims_a_page_it_lacks_is_refused_unless_that_page_is_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "lying.pdf"
+    path.write_bytes(lying_count_pdf(b"1.5"))  # MuPDF reads two pages; there is one
+    with pytest.raises(InvalidDocument) as caught:
+        inspect_document(path, DocumentKind.PDF, None, max_pages=10, max_pixels=MAX_PIXELS)
+    assert caught.value.message == (
+        "page 2 cannot be read: the PDF says it has 2 pages, but its page tree is damaged"
+    )
+    assert inspect_document(path, DocumentKind.PDF, "1", max_pages=10, max_pixels=MAX_PIXELS) == (
+        Inspection(page_count=2, numbers=[1])
+    )
+
+
+def test_pdf_pages_render_in_any_order_from_one_open_document(make_pdf: Callable[..., Path]) -> None:
+    path = make_pdf(pages=3)
+    alone = {page.number: page.image.tobytes() for page in _render(path, DocumentKind.PDF, [1, 3], dpi=72)}
+    assert alone[1] != alone[3]  # each page shows its own number
+    with open_document(path, DocumentKind.PDF) as document:
+        for number in (3, 1, 3):
+            assert document.render(number, dpi=72, max_pixels=MAX_PIXELS).image.tobytes() == alone[number]
+        with pytest.raises(InvalidOptions, match="page 4 is out of range: the document has 3 pages"):
+            document.render(4, dpi=72, max_pixels=MAX_PIXELS)
+
+
 # --- images ---------------------------------------------------------------------------------------
+
+
+def test_tiff_frames_are_counted_up_to_the_page_limit_only(tmp_path: Path) -> None:
+    small = tmp_path / "three.tiff"
+    small.write_bytes(many_frame_tiff(3))
+    assert count_pages(small, DocumentKind.TIFF, max_pages=3) == 3
+    with pytest.raises(TooManyPages, match="the TIFF has more than 2 pages"):
+        count_pages(small, DocumentKind.TIFF, max_pages=2)
+
+    large = tmp_path / "frames.tiff"
+    large.write_bytes(many_frame_tiff(40_000))  # 5 MB; Pillow's n_frames took 16 s to count them
+    started = time.perf_counter()
+    with pytest.raises(
+        TooManyPages, match=r"more than 500 pages \(frames\); the limit is 500 \(APP_MAX_PAGES\)"
+    ):
+        count_pages(large, DocumentKind.TIFF, max_pages=500)
+    assert time.perf_counter() - started < 2
+
+
+def test_a_tiff_page_past_the_last_frame_is_out_of_range(tmp_path: Path) -> None:
+    path = tmp_path / "three.tiff"
+    path.write_bytes(many_frame_tiff(3))
+    with pytest.raises(InvalidOptions, match="page 5 is out of range: the document has 3 pages"):
+        _render(path, DocumentKind.TIFF, [5])
+    with pytest.raises(InvalidOptions, match=r"page 2 is out of range: the document has 1 page$"):
+        _render(_save(Image.new("RGB", (8, 8)), tmp_path / "one.png"), DocumentKind.PNG, [2])
+
+
+def test_a_png_padded_with_chunks_is_refused_before_pillow_parses_them(tmp_path: Path) -> None:
+    path = tmp_path / "padded.png"
+    path.write_bytes(chunk_padded_png(1_000_000))  # 12 MB; Pillow took 5 s to open it
+    started = time.perf_counter()
+    with pytest.raises(InvalidDocument, match="more than 1000 chunks before its image data"):
+        count_pages(path, DocumentKind.PNG)
+    with pytest.raises(InvalidDocument, match="more than 1000 chunks"):
+        _render(path, DocumentKind.PNG, [1])
+    assert time.perf_counter() - started < 1
+
+    path.write_bytes(chunk_padded_png(900))
+    assert count_pages(path, DocumentKind.PNG) == 1
+    (page,) = _render(path, DocumentKind.PNG, [1])
+    assert page.image.size == (10, 10)
+
+
+def test_a_jpeg_padded_with_markers_is_refused_before_pillow_parses_them(tmp_path: Path) -> None:
+    path = tmp_path / "padded.jpg"
+    path.write_bytes(marker_padded_jpeg(1_000_000))  # 4 MB; Pillow took 1.4 s to open it
+    started = time.perf_counter()
+    with pytest.raises(InvalidDocument, match="more than 1000 markers before its image data"):
+        count_pages(path, DocumentKind.JPEG)
+    with pytest.raises(InvalidDocument, match="more than 1000 markers"):
+        _render(path, DocumentKind.JPEG, [1])
+    assert time.perf_counter() - started < 1
+
+    path.write_bytes(marker_padded_jpeg(900))
+    (page,) = _render(path, DocumentKind.JPEG, [1])
+    assert page.image.size == (10, 10)
 
 
 def test_a_multi_frame_tiff_has_a_page_per_frame(tmp_path: Path) -> None:

@@ -237,26 +237,27 @@ def test_the_queue_bound_holds_across_api_replicas(make_cluster):
     assert sorted(listed.values()) == ["queued", "queued"]
 
 
-# --- a task that keeps killing its worker -----------------------------------------------------------
+# --- a task whose worker keeps being killed ---------------------------------------------------------
 
 
-def test_a_task_that_kills_its_worker_three_times_fails(make_cluster):
+def test_a_task_whose_worker_is_killed_after_each_new_page_still_succeeds(make_cluster):
+    # Deaths that are not the task's fault (each start got a page further) never fail it; a page that
+    # kills every worker does: tests/test_crash_loop_e2e.py.
     cluster = make_cluster(APP_VISIBILITY_TIMEOUT_SECONDS=3).start(apis=1, workers=1)
     client = cluster.client()
     [worker] = cluster.workers
-    task_id = submit(client, make_pdf(40))
+    task_id = submit(client, make_pdf(12))
     done = 0
 
     def further() -> int:
         pages_done: int = view(client, task_id)["progress"]["pages_done"]
         return pages_done if pages_done > done else 0
 
-    for _ in range(3):
+    for _ in range(4):
         # Killed each time it is running again: a page more than before was recognised.
         done = wait_for(further, timeout=180, interval=0.05)
         worker.kill()
         worker.start()
-    failed = wait_until_ended(client, task_id, timeout=180)
-    assert failed["status"] == "failed", (failed, cluster.logs())
-    assert failed["error"]["code"] == "too_many_attempts"
-    assert failed["progress"]["pages_done"] < 40
+    ended = wait_until_ended(client, task_id, timeout=180)
+    assert ended["status"] == "succeeded", (ended, cluster.logs())
+    assert ended["progress"]["pages_done"] == 12

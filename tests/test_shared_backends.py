@@ -186,6 +186,21 @@ def test_a_stale_lease_cannot_write_the_record(records):
     assert api.summaries() == []
 
 
+def test_a_record_stored_before_crash_accounting_loads_with_its_defaults(records, redis_server):
+    api, worker = records
+    record = a_record(status=TaskStatus.RUNNING, lease=1, attempts=2)
+    api.create(record)
+    old = record.model_dump_json(exclude={"pages_kept", "kept_at_start", "strikes"})
+    with redis_server.client() as client:
+        client.hset(f"dsocr:task:{record.task_id}", "record", old)
+    loaded = worker.load(record.task_id)
+    assert (loaded.attempts, loaded.pages_kept, loaded.kept_at_start, loaded.strikes) == (2, 0, 0, 0)
+    assert loaded.interrupted()  # redelivered after an upgrade: one strike of three, not a failure
+    loaded.start()
+    worker.save(loaded, expect_lease=1)
+    assert api.load(record.task_id).strikes == 1
+
+
 def test_idempotency_entries_are_shared_locked_across_replicas_and_expire(records, redis_server):
     api_a, api_b = records
     api_a.write_key("f" * 64, {"task_id": "x", "fingerprint": "y", "created_at": "z"})

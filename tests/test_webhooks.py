@@ -1,22 +1,30 @@
-"""Webhooks, delivered to a real HTTP receiver on loopback that checks every signature."""
+"""Webhooks, delivered to real receivers on loopback: one that checks every signature, and ones
+that answer with a gzip bomb or a byte at a time."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import http.server
 import json
+import os
+import re
+import socket
 import threading
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from app.storage.webhooks import sign, verify_signature
+from app.storage.webhooks import Attempt, WebhookSender, sign, verify_signature
 from tests.documents import make_pdf
 from tests.servers import wait_for
+from tests.test_hostile_http import PeakRss
 
 WEBHOOK_SECRET = "whsec-test-0123456789"
 
@@ -222,3 +230,147 @@ def test_a_delivery_cut_short_by_a_restart_resumes(make_server, receivers):
     assert "non-public address" in hook["error"]["message"]
     assert hook["response_status"] is None
     assert len(receiver.deliveries) == 2
+
+
+# --- receivers that misbehave: the sender's memory and time stay bounded ---------------------------
+
+BOMB_BYTES = 256 * 1024 * 1024  # what the gzip answer inflates to (it is about 250 kB on the wire)
+
+
+class RawReceiver:
+    """A TCP server on loopback that reads each request, then hands its socket to ``answer``, in a
+    thread per connection: for receivers that misbehave below what http.server lets one write."""
+
+    def __init__(self, answer: Callable[[socket.socket, threading.Event], None]) -> None:
+        self.requests: list[bytes] = []  # the head of every request, as received
+        self.stopped = threading.Event()
+        self._answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hooks/dsocr"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener is closed at the end
+            while True:
+                conn, _ = self._listener.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # the sender hangs up: that is the point
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requests.append(head)
+            self._answer(conn, self.stopped)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self._listener.close()
+
+
+def gzip_bomb(size: int) -> bytes:
+    """``size`` zero bytes, gzipped, made a MiB at a time (this process never holds ``size`` bytes)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: the gzip container
+    zeros = bytes(1024 * 1024)
+    return b"".join(packer.compress(zeros) for _ in range(size // len(zeros))) + packer.flush()
+
+
+def answer_gzip_bomb(bomb: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    def answer(conn: socket.socket, stopped: threading.Event) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n"
+        conn.sendall(head.encode() + bomb)
+
+    return answer
+
+
+def dribble(head: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    """Send ``head``, then a byte every 50 ms until the sender hangs up: no read ever waits long
+    enough for a per-read timeout to fire."""
+
+    def answer(conn: socket.socket, stopped: threading.Event) -> None:
+        conn.sendall(head)
+        while not stopped.wait(0.05):
+            conn.sendall(b"a")
+
+    return answer
+
+
+def deliver(receiver: RawReceiver, *, timeout_seconds: float, max_attempts: int = 1) -> tuple[Attempt, float]:
+    """Deliver one webhook with a sender configured as the service configures it; the last try and
+    the seconds the delivery took. A delivery that does not end within 30 s fails the test."""
+    sender = WebhookSender(
+        secret=WEBHOOK_SECRET.encode(),
+        allow_private=True,  # the receiver is on loopback
+        timeout_seconds=timeout_seconds,
+        max_attempts=max_attempts,
+        backoff_seconds=0.05,
+        user_agent="dsocr-server/test",
+    )
+
+    async def run() -> Attempt:
+        async def recorded(attempt: Attempt) -> None:
+            pass
+
+        return await asyncio.wait_for(
+            sender.deliver(
+                receiver.url,
+                b'{"task_id": "x"}',
+                event="task.succeeded",
+                delivery_id="d1",
+                on_attempt=recorded,
+            ),
+            timeout=30,
+        )
+
+    started = time.monotonic()
+    attempt = asyncio.run(run())
+    return attempt, time.monotonic() - started
+
+
+@pytest.fixture
+def raw_receivers() -> Iterator[list[RawReceiver]]:
+    started: list[RawReceiver] = []
+    yield started
+    for receiver in started:
+        receiver.close()
+
+
+def test_a_gzip_bomb_answer_costs_the_sender_no_memory(raw_receivers):
+    bomb = gzip_bomb(BOMB_BYTES)
+    receiver = RawReceiver(answer_gzip_bomb(bomb))
+    raw_receivers.append(receiver)
+    with PeakRss(os.getpid()) as rss:  # the sender runs in this process
+        attempt, _ = deliver(receiver, timeout_seconds=10)
+    assert attempt.delivered, attempt
+    assert attempt.status_code == 200
+    assert rss.growth < 32 * 1024 * 1024, f"the sender grew by {rss.growth / 2**20:.0f} MiB"
+    (head,) = receiver.requests
+    assert re.search(rb"(?im)^accept-encoding: identity\r?$", head), head
+
+
+@pytest.mark.parametrize(
+    ("head", "delivered"),
+    [
+        # Headers that never end: only a deadline over the whole try stops it.
+        (b"HTTP/1.1 200 OK\r\nX-Slow: ", False),
+        # A 2xx whose body never ends: the status is the answer, the body is never read.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n", True),
+    ],
+    ids=["endless-headers", "endless-body"],
+)
+def test_a_dribbling_receiver_is_cut_off_at_the_deadline(raw_receivers, head, delivered):
+    receiver = RawReceiver(dribble(head))
+    raw_receivers.append(receiver)
+    attempt, seconds = deliver(receiver, timeout_seconds=1, max_attempts=2)
+    if delivered:
+        assert attempt.delivered, attempt
+        assert attempt.number == 1
+        assert seconds < 1
+    else:
+        assert attempt == Attempt(2, None, "no answer within 1 s")
+        assert 2 <= seconds < 4  # two tries of one second each, and the wait between them
+    assert len(receiver.requests) == attempt.number

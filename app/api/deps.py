@@ -9,7 +9,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
+from app.api.stream_caps import HeldKind, StreamCaps
 from app.config import Settings
 from app.errors import ClientError, Unauthorized
 from app.tasks.service import TaskService
@@ -31,8 +33,13 @@ async def get_tasks(request: Request) -> TaskService:
     return request.app.state.tasks
 
 
+async def get_stream_caps(request: Request) -> StreamCaps:
+    return request.app.state.stream_caps
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TasksDep = Annotated[TaskService, Depends(get_tasks)]
+StreamCapsDep = Annotated[StreamCaps, Depends(get_stream_caps)]
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
@@ -49,18 +56,31 @@ def owner_of(key: str) -> str:
     return hmac.new(_OWNER_LABEL, key.encode(), hashlib.sha256).hexdigest()
 
 
+def _caller(keys: list[str], credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    if not keys:
+        return None
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not key_is_valid(credentials.credentials, keys):
+        raise Unauthorized("invalid API key")
+    return owner_of(credentials.credentials)
+
+
 def require_api_key(settings: SettingsDep, credentials: CredentialsDep) -> str | None:
     """Refuse the request with 401 unless auth is off or it carries a valid Bearer key.
 
     Returns the caller's owner id (``owner_of`` its key), or ``None`` with auth off.
     """
-    if not settings.api_keys:
-        return None
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if not key_is_valid(credentials.credentials, settings.api_keys):
-        raise Unauthorized("invalid API key")
-    return owner_of(credentials.credentials)
+    return _caller(settings.api_keys, credentials)
+
+
+def authenticate(keys: list[str], authorization: str | None) -> str | None:
+    """``require_api_key`` on a raw ``Authorization`` header value, parsed as ``HTTPBearer`` parses
+    it: for the body-limit middleware, which answers before any dependency runs. Raises
+    ``Unauthorized``; returns the owner id, or ``None`` when ``keys`` is empty (auth off)."""
+    scheme, given = get_authorization_scheme_param(authorization)
+    credentials = HTTPAuthorizationCredentials(scheme=scheme, credentials=given) if scheme and given else None
+    return _caller(keys, credentials)
 
 
 async def get_caller(settings: SettingsDep, credentials: CredentialsDep) -> str | None:
@@ -85,3 +105,14 @@ async def count_rejections(request: Request) -> AsyncIterator[None]:
 
 
 CountRejectionsDep = Depends(count_rejections)
+
+
+async def hold_event_stream(caps: StreamCapsDep, caller: CallerDep) -> AsyncIterator[None]:
+    """Hold one of the caller's stream slots (``StreamCaps``) from before the route runs until its
+    response is over: FastAPI leaves a ``yield`` dependency after the response has been sent, which
+    for an event stream is when it ends or its client hangs up. 429 past a cap."""
+    with caps.hold(caller, HeldKind.EVENTS):
+        yield
+
+
+HeldStreamDep = Depends(hold_event_stream)

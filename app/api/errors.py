@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import DsocrError, QueueFull, Unauthorized
+from app.errors import DsocrError, QueueFull, TooManyConnections, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def error_response(
 async def _dsocr_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DsocrError)
     headers = None
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, QueueFull | TooManyConnections):
         headers = {"Retry-After": str(exc.retry_after)}
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}

@@ -8,10 +8,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import CredentialsDep, SettingsDep, require_api_key
-from app.errors import BackendUnavailable, ResultNotFound
+from app.config import Settings
+from app.engines.manager import ModelManager
+from app.errors import BackendUnavailable, ResultNotFound, Unauthorized
 
 router = APIRouter(tags=["system"])
 
@@ -22,11 +25,21 @@ async def read_health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "not ready: a worker died or storage is read-only"}})
-async def read_readiness(request: Request) -> JSONResponse:
-    """Readiness: workers alive, storage writable; shows the model state and which model was chosen."""
+@router.get(
+    "/readyz",
+    responses={
+        200: {
+            "description": "ready. Without API keys, or with a valid key, also the model and engine: "
+            "which model, why, its last error and the engine server's URL (never shown to others)"
+        },
+        503: {"description": "not ready: a worker died, storage is read-only or the queue unreachable"},
+    },
+)
+async def read_readiness(
+    request: Request, settings: SettingsDep, credentials: CredentialsDep
+) -> JSONResponse:
+    """Readiness: workers alive, storage writable, queue reachable; with a key, the model and engine too."""
     state = request.app.state
-    models = state.models.state
     pool = state.pool  # None on an API replica (APP_ROLE=api): its workers run elsewhere
     writable = await asyncio.to_thread(state.tasks.store.writable)
     workers_ok = pool is None or pool.healthy
@@ -34,27 +47,45 @@ async def read_readiness(request: Request) -> JSONResponse:
         depth: int | None = await state.tasks.queue.depth()
     except BackendUnavailable:
         depth = None
-    # The vllm engine's OCR server, when it has one: reported, not required, so that results stay
-    # reachable (and tasks keep queueing) while that server restarts.
-    server = await state.models.server_health()
     body: dict[str, Any] = {
         "status": "ready" if workers_ok and writable and depth is not None else "not_ready",
-        "role": state.settings.role,
+        "role": settings.role,
+        "auth": "enabled" if settings.api_keys else "disabled",
         "workers": {
             "alive": pool.alive if pool is not None else 0,
-            "configured": state.settings.max_workers if pool is not None else 0,
+            "configured": settings.max_workers if pool is not None else 0,
         },
         "storage_writable": writable,
         "queue_depth": depth,
-        "model": {
-            "loaded": models.loaded,
-            "name": models.model,
-            "detail": models.detail,
-            "last_error": models.last_error,
-            "server": dataclasses.asdict(server) if server is not None else None,
-        },
     }
+    # Probes and load balancers call without a key; what the model is, where it came from, why it
+    # failed to load and where the engine server is are for the service's users only.
+    if _holds_a_key(settings, credentials):
+        body["model"] = await _model_state(state.models)
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+def _holds_a_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """Whether the request may see what the API shows: auth is off, or it carries a valid key."""
+    try:
+        require_api_key(settings, credentials)
+    except Unauthorized:
+        return False
+    return True
+
+
+async def _model_state(models: ModelManager) -> dict[str, Any]:
+    state = models.state
+    # The vllm engine's OCR server, when it has one: reported, not required, so that results stay
+    # reachable (and tasks keep queueing) while that server restarts.
+    server = await models.server_health()
+    return {
+        "loaded": state.loaded,
+        "name": state.model,
+        "detail": state.detail,
+        "last_error": state.last_error,
+        "server": dataclasses.asdict(server) if server is not None else None,
+    }
 
 
 def _metrics_guard(settings: SettingsDep, credentials: CredentialsDep) -> None:

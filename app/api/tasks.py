@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Awaitable, Callable
@@ -12,14 +13,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 
-from app.api.deps import ApiKeyDep, CallerDep, CountRejectionsDep, SettingsDep, TasksDep
+from app.api.body_limits import MAX_JSON_DEPTH, json_nesting_exceeds
+from app.api.deps import (
+    ApiKeyDep,
+    CallerDep,
+    CountRejectionsDep,
+    HeldStreamDep,
+    SettingsDep,
+    StreamCapsDep,
+    TasksDep,
+)
 from app.api.links import DownloadsDep, FollowUpsDep, stream_file
 from app.api.sse import event_stream
+from app.api.stream_caps import CLIENT_CLOSED_REQUEST, HeldKind, unless_disconnected
 from app.config import Settings
 from app.errors import InvalidOptions
 from app.pipeline.sources import ReceivedFile, fetch_url, receive_multipart
 from app.schemas import ErrorBody, LinkCreate, LinkView, TaskCreate, TaskList, TaskView
 from app.storage.local import PREVIEW_CONTENT_TYPE, RESULT_FILES
+from app.tasks.events import parse_last_event_id
 from app.tasks.model import PublishState, TaskOptions, TaskStatus
 from app.tasks.service import Created, TaskService
 
@@ -68,17 +80,31 @@ IdempotencyKey = Annotated[
 
 def _options_from_form(fields: dict[str, str]) -> TaskOptions:
     """``options`` as a JSON field, then plain fields (``pages=1-3``) on top of it."""
+    merged = _options_json(fields["options"]) if fields.get("options") else {}
+    merged.update({k: v for k, v in fields.items() if k in TaskOptions.model_fields and v != ""})
     try:
-        merged: dict[str, Any] = json.loads(fields["options"]) if fields.get("options") else {}
-        if not isinstance(merged, dict):
-            raise InvalidOptions("the 'options' field must be a JSON object")
-        merged.update({k: v for k, v in fields.items() if k in TaskOptions.model_fields and v != ""})
         return TaskOptions.model_validate(merged)
-    except json.JSONDecodeError as exc:
-        raise InvalidOptions(f"the 'options' field is not valid JSON: {exc.msg}") from exc
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidOptions(problems) from exc
+
+
+def _options_json(text: str) -> dict[str, Any]:
+    """The ``options`` form field as a JSON object; ``InvalidOptions`` for anything else."""
+    # Checked before parsing: json recurses per level and raises RecursionError on deep input.
+    if json_nesting_exceeds(text.encode()):
+        raise InvalidOptions(
+            f"the 'options' field nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+        )
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidOptions(f"the 'options' field is not valid JSON: {exc.msg}") from exc
+    except ValueError as exc:  # a number with more digits than int() converts (sys.get_int_max_str_digits)
+        raise InvalidOptions(f"the 'options' field cannot be read: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise InvalidOptions("the 'options' field must be a JSON object")
+    return parsed
 
 
 async def _receive_upload(
@@ -95,7 +121,7 @@ async def _receive_upload(
     )
     try:
         return form.file, _options_from_form(form.fields)
-    except InvalidOptions:
+    except BaseException:  # whatever refused the options, the spooled file must not stay behind
         form.file.path.unlink(missing_ok=True)
         raise
 
@@ -183,15 +209,29 @@ async def list_tasks(
 
 @router.get("/{task_id}", response_model=TaskView, responses=_ERRORS)
 async def read_task(
+    request: Request,
     task_id: TaskId,
     tasks: TasksDep,
+    caps: StreamCapsDep,
     caller: CallerDep,
     wait: Annotated[
-        float, Query(ge=0, le=60, description="Seconds to wait for the task to end before answering.")
+        float,
+        Query(
+            ge=0,
+            le=60,
+            description="Seconds to wait for the task to end before answering; a wait counts "
+            "toward APP_MAX_STREAMS_PER_KEY and APP_MAX_STREAMS_TOTAL (429 past them).",
+        ),
     ] = 0,
-) -> TaskView:
+) -> TaskView | Response:
     """Read a task's status, progress and links; with ``wait``, once it ends (or the wait is over)."""
-    return await tasks.view(await tasks.wait(task_id, owner=caller, seconds=wait))
+    if not wait:
+        return await tasks.view(await tasks.get(task_id, caller))
+    with caps.hold(caller, HeldKind.WAIT):
+        record = await unless_disconnected(request.receive, tasks.wait(task_id, owner=caller, seconds=wait))
+    if record is None:  # the client left: nobody reads the answer
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return await tasks.view(record)
 
 
 @router.delete("/{task_id}", response_model=TaskView, responses=_ERRORS)
@@ -208,6 +248,7 @@ async def cancel_task(task_id: TaskId, tasks: TasksDep, caller: CallerDep) -> Ta
         204: {"description": "Last-Event-ID was the task's end already: nothing follows"},
         **_ERRORS,
     },
+    dependencies=[HeldStreamDep],  # 429 past APP_MAX_STREAMS_PER_KEY or APP_MAX_STREAMS_TOTAL
 )
 async def stream_task_events(
     task_id: TaskId,
@@ -215,11 +256,16 @@ async def stream_task_events(
     settings: SettingsDep,
     caller: CallerDep,
     last_event_id: Annotated[
-        str | None, Header(max_length=20, description="The id of the last event received, to resume.")
+        str | None,
+        Header(
+            description="The id of the last event received, to resume; an id this service did not send "
+            "starts the stream afresh, from the task's current state."
+        ),
     ] = None,
 ) -> Response:
     """Follow a task as Server-Sent Events: each status change and finished page, then its end."""
-    events = await tasks.follow(task_id, owner=caller, last_event_id=last_event_id)
+    after = parse_last_event_id(last_event_id)
+    events = await tasks.follow(task_id, owner=caller, last_event_id=None if after is None else str(after))
     if events is None:  # 204 is how SSE tells a client (EventSource) to stop reconnecting
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return event_stream(events, ping_seconds=settings.events_ping_seconds)
@@ -366,10 +412,17 @@ async def convert_document(
     request: Request,
     tasks: TasksDep,
     settings: SettingsDep,
+    caps: StreamCapsDep,
     caller: CallerDep,
     idempotency_key: IdempotencyKey = None,
     wait: Annotated[
-        float, Query(ge=0, le=CONVERT_MAX_WAIT_SECONDS, description="Seconds to wait for the result.")
+        float,
+        Query(
+            ge=0,
+            le=CONVERT_MAX_WAIT_SECONDS,
+            description="Seconds to wait for the result; a wait counts toward APP_MAX_STREAMS_PER_KEY "
+            "and APP_MAX_STREAMS_TOTAL (429 past them, before the document is read).",
+        ),
     ] = CONVERT_WAIT_SECONDS,
 ) -> Response:
     """Convert in one call: upload (multipart) or URL (JSON), answered with result.json when done in time.
@@ -378,8 +431,13 @@ async def convert_document(
     it fails or is canceled within them (its ``status`` and ``error`` say so); 202 with the task view
     while it is still queued or running: follow it at its ``links.self``.
     """
-    created = await _create_any(request, tasks, settings, caller, idempotency_key)
-    record = await tasks.wait(created.record.task_id, owner=caller, seconds=wait)
+    # Held from before the document is read: a refusal past the cap must not leave a task behind.
+    with caps.hold(caller, HeldKind.WAIT) if wait else contextlib.nullcontext():
+        created = await _create_any(request, tasks, settings, caller, idempotency_key)
+        waiting = tasks.wait(created.record.task_id, owner=caller, seconds=wait)
+        record = await unless_disconnected(request.receive, waiting)
+    if record is None:  # the client left: the task stays queued, nobody reads the answer
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     if record.status is TaskStatus.SUCCEEDED:
         # Always the body itself: a 307 would send the client's POST on to the bucket.

@@ -1,13 +1,14 @@
 """One task's pages end to end: render, recognise, parse, assemble, store.
 
-The event loop only awaits here: rendering, assembly and file writes run in threads, inference
-goes through the ``ModelManager``. Pages are recognised in *calls* shaped by the engine
-(``ModelManager.limits``): batches one at a time for the ``hf`` engine, single pages many at once
-for the ``vllm`` engine. Calls run as asyncio tasks while the loop renders the next pages, so
-rendering overlaps recognition; at most ``2 * calls_in_flight`` calls are held (running, or done
-and waiting for an earlier page), which bounds the rendered pages kept in memory. Results are
-assembled strictly in page order, so progress moves page by page and ``full.md`` is in order
-whatever order the server answers in.
+The event loop only awaits here: pages render in the ``RenderPool``'s processes (one at a time,
+each under its deadline; a cancel or a shutdown seen while a page renders kills that render),
+assembly and file writes run in threads, inference goes through the ``ModelManager``. Pages are
+recognised in *calls* shaped by the engine (``ModelManager.limits``): batches one at a time for
+the ``hf`` engine, single pages many at once for the ``vllm`` engine. Calls run as asyncio tasks
+while the next pages render, so rendering overlaps recognition; at most ``2 * calls_in_flight``
+calls are held (running, or done and waiting for an earlier page), which bounds the rendered pages
+kept in memory. Results are assembled strictly in page order, so progress moves page by page and
+``full.md`` is in order whatever order the server answers in.
 
 A page's raw output is stored as soon as it exists, even ahead of earlier pages, so a task resumed
 after a restart re-renders its pages but recognises only those without a raw file.
@@ -19,7 +20,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from app.errors import DsocrError, PageFailed
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage, assemble_page, merge_markdown
 from app.pipeline.grounding import parse_page
-from app.pipeline.pages import PageImage, render_pages
+from app.pipeline.pages import PageImage
+from app.pipeline.render_pool import RenderPool
 from app.pipeline.sniff import DocumentKind
 from app.storage.base import TaskStore
 
@@ -38,6 +40,12 @@ OnPage = Callable[[AssembledPage, float], Awaitable[None]]
 
 Recognized = list[tuple[PageText, float]]
 """Each page of a call with its text and its seconds (0 for a page read back from raw/)."""
+
+_INTERRUPT_POLL_SECONDS = 0.1  # how often a page's render looks for a cancel or a shutdown
+# A pipeline built without a pool (tools, benchmarks) renders trusted documents: it starts one
+# process per run, with limits that only a broken file reaches.
+_OWN_POOL_PAGE_SECONDS = 600.0
+_OWN_POOL_MEMORY_MB = 8192
 
 
 @dataclass(frozen=True)
@@ -64,30 +72,47 @@ class _Call:
 
 
 class PagePipeline:
-    """Runs ``PageJob``s against a store and a shared model."""
+    """Runs ``PageJob``s against a store and a shared model, rendering in ``renders`` (``None``:
+    a pool of one process started for each run and closed at its end)."""
 
-    def __init__(self, *, store: TaskStore, models: ModelManager, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        store: TaskStore,
+        models: ModelManager,
+        metrics: Metrics,
+        renders: RenderPool | None = None,
+    ) -> None:
         self._store = store
         self._models = models
         self._metrics = metrics
+        self._renders = renders
 
     async def run(
         self, job: PageJob, *, on_page: OnPage, check_interrupt: Callable[[], None]
     ) -> list[AssembledPage]:
         """Process every page and return them assembled, in order.
 
-        ``check_interrupt`` is called before each page is rendered and before each page is
-        assembled; what it raises (cancel, shutdown) stops the task, and the calls still running
-        are cancelled. A failed call fails the task as soon as it fails, with its page(s) named.
-        Figures are stored as each page is assembled.
+        ``check_interrupt`` is called before each page is rendered, while it renders and before
+        each page is assembled; what it raises (cancel, shutdown) stops the task, and the render
+        and the calls still running are cancelled. A failed call fails the task as soon as it
+        fails, with its page(s) named, as does a page that cannot be rendered. Figures are stored
+        as each page is assembled.
         """
+        if self._renders is not None:
+            return await self._run(job, self._renders, on_page, check_interrupt)
+        async with RenderPool(
+            processes=1, page_seconds=_OWN_POOL_PAGE_SECONDS, memory_mb=_OWN_POOL_MEMORY_MB
+        ) as renders:
+            return await self._run(job, renders, on_page, check_interrupt)
+
+    async def _run(
+        self, job: PageJob, renders: RenderPool, on_page: OnPage, check_interrupt: Callable[[], None]
+    ) -> list[AssembledPage]:
         done: list[AssembledPage] = []
         held: deque[_Call] = deque()  # in page order
         batch: list[PageImage] = []  # rendered, not yet sent
         limits: DispatchLimits | None = None
-        pages = render_pages(
-            job.input_path, job.kind, job.page_numbers, dpi=job.dpi, max_pixels=job.max_pixels
-        )
 
         async def send(room_for: DispatchLimits) -> None:
             await self._make_room(job, held, room_for.calls_in_flight, done, on_page, check_interrupt)
@@ -97,12 +122,10 @@ class PagePipeline:
 
         try:
             async with self._models.hold():
-                while True:
+                for number in job.page_numbers:
                     check_interrupt()
                     await self._assemble_ready(job, held, done, on_page, check_interrupt)
-                    page = await _render_next(pages)
-                    if page is None:
-                        break
+                    page = await _render(renders, job, number, check_interrupt)
                     await asyncio.to_thread(self._store.write_preview, job.task_id, page.number, page.image)
                     saved = await asyncio.to_thread(self._store.read_raw, job.task_id, page.number)
                     if saved is not None:
@@ -125,7 +148,6 @@ class PagePipeline:
                     await self._assemble_ready(job, held, done, on_page, check_interrupt)
         finally:
             await _cancel(held)
-            pages.close()
         return done
 
     async def _limits(self, page: PageImage) -> DispatchLimits:
@@ -246,20 +268,24 @@ class PagePipeline:
         self._store.write_result(task_id, "layout.json", data, lease=lease)
 
 
-async def _render_next(pages: Iterator[PageImage]) -> PageImage | None:
-    """The next page, rendered in a thread; a cancelled caller still waits for that thread.
-
-    The generator cannot be closed while a thread is inside it (``ValueError``), and the caller
-    closes it as soon as it stops; rendering one page is quick.
-    """
-    step = asyncio.ensure_future(asyncio.to_thread(next, pages, None))
+async def _render(
+    renders: RenderPool, job: PageJob, number: int, check_interrupt: Callable[[], None]
+) -> PageImage:
+    """Render page ``number`` in the pool, calling ``check_interrupt`` while it renders: what it
+    raises cancels the render, which kills the process in the middle of the page."""
+    render = asyncio.ensure_future(
+        renders.render(job.input_path, job.kind, number, dpi=job.dpi, max_pixels=job.max_pixels)
+    )
     try:
-        return await asyncio.shield(step)
-    except asyncio.CancelledError:
-        await asyncio.wait([step])
-        if not step.cancelled():
-            step.exception()  # retrieved: the task is stopping, a render error is moot
-        raise
+        while not render.done():
+            await asyncio.wait([render], timeout=_INTERRUPT_POLL_SECONDS)
+            if not render.done():
+                check_interrupt()
+        return render.result()
+    finally:
+        if not render.done():
+            render.cancel()
+            await asyncio.wait([render])  # the pool has killed the process; nothing outlives the task
 
 
 def _resolved(value: Recognized) -> asyncio.Future[Recognized]:

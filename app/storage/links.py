@@ -42,7 +42,8 @@ class LinkSigner:
         ``LinkExpired`` once ``expires`` has passed. The signature is compared in constant time and
         checked before the expiry, so an unsigned request learns nothing.
         """
-        if not expires or not signature or not expires.isdigit() or len(expires) > 12:
+        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+        if not expires or not signature or not (expires.isascii() and expires.isdigit()) or len(expires) > 12:
             raise LinkInvalid("the share link is incomplete or malformed")
         expected = self._signature(task_id, name, int(expires))
         # Bytes, not str: compare_digest refuses non-ASCII text, and the signature is user input.

@@ -40,6 +40,23 @@ class TaskEvent:
     data: str  # JSON, encoded once by the publisher and sent as is to every follower
 
 
+MAX_EVENT_ID_DIGITS = 18  # ids are a task's event counter: far below 10**18, and within an int64
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """The event id in a reconnecting client's ``Last-Event-ID`` header, or ``None`` to start over.
+
+    The SSE spec has a client send back the last ``id:`` it received, as is, and leaves its meaning
+    to the server. Ours are decimal counters, so anything else (empty, signed, too long, or digits
+    other than ASCII ones, such as "²", which ``str.isdigit`` accepts and ``int`` refuses) is an id
+    this service never sent: it counts as absent, and the stream starts from the task's state.
+    """
+    text = (value or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > MAX_EVENT_ID_DIGITS:
+        return None
+    return int(text)
+
+
 class EventHub(Protocol):
     """Carries a task's events from their publisher to its followers."""
 

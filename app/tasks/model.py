@@ -16,6 +16,7 @@ from app.pipeline.pages import validate_page_spec
 from app.pipeline.sniff import DocumentKind
 
 TASK_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+MAX_STRIKES = 3  # deaths of its worker in a row, with no page done in between, before a task fails
 
 Mode = Literal["document", "free", "figure", "describe"]
 Resolution = Literal["tiny", "small", "base", "large", "gundam"]
@@ -161,7 +162,13 @@ class TaskRecord(BaseModel):
     input_kind: DocumentKind  # what the input's bytes are, sniffed at submit
     waiting_reason: str | None = None  # why a queued task has not started (e.g. GPU memory)
     cancel_requested: bool = False
-    attempts: int = 0  # how many times a worker started it (restarts included)
+    attempts: int = 0  # how many times a worker started it (restarts included); for the record only
+    # Crash accounting (``start``, ``count_page``, ``interrupted``): the most pages any start had
+    # done, in order, which a restart reads back instead of recognising again; that mark when the
+    # latest start began; and the starts in a row whose worker died before that mark moved.
+    pages_kept: int = 0
+    kept_at_start: int = 0
+    strikes: int = 0
     # The fencing token: raised by each worker that takes the task. A shared store refuses a write
     # carrying another token, so a worker that stalled while another took over writes nothing.
     lease: int = 0
@@ -186,3 +193,76 @@ class TaskRecord(BaseModel):
             return None
         end = self.finished_at or datetime.now(UTC)
         return (end - self.started_at).total_seconds()
+
+    # --- the life of a start, and the crash rule ---
+    #
+    # A worker process can die under a task (kill -9, the OOM killer, a node lost, a rolling deploy
+    # that outlasts the grace period), and the task is then started again: by ``recover`` at the
+    # next start-up, or by the worker a shared queue redelivers it to. Most deaths are not the
+    # document's fault, and a start that got a page further lost nothing: its pages are read back
+    # by the next one. So a death counts against the task (a *strike*) only when the start it ended
+    # had done no page beyond what earlier starts had done; any progress clears the strikes. While
+    # there is none, the first page not done stays the same, so the strikes are that page's: a page
+    # that kills its worker every time fails the task after ``MAX_STRIKES`` deaths, naming it,
+    # however many deaths the pages before it had survived.
+    #
+    # A page counts once it is assembled and saved on the record, which comes a moment after its
+    # raw output is stored. A death in that moment is a strike although a page was stored; the next
+    # start reads that page back before anything else and counts it, so the strike is cleared there.
+
+    def start(self) -> None:
+        """A worker takes the task: a new lease (the fencing token), ``running``, and the mark the
+        next death's progress is measured from. Call ``interrupted`` first when the previous start
+        ended with its worker's death."""
+        self.lease += 1
+        self.status = TaskStatus.RUNNING
+        self.started_at = datetime.now(UTC)
+        self.finished_at = None
+        self.attempts += 1
+        self.waiting_reason = None
+        self.error = None
+        self.kept_at_start = self.pages_kept
+
+    def count_page(self, number: int, *, truncated: bool) -> None:
+        """The running start has done page ``number``, the next one in order (done now, or read
+        back from an earlier start's raw output)."""
+        self.progress.pages_done += 1
+        self.pages_kept = max(self.pages_kept, self.progress.pages_done)
+        if truncated and number not in self.truncated_pages:
+            self.truncated_pages.append(number)
+
+    def interrupted(self) -> bool:
+        """The worker of the latest start died with the task ``running`` (found so by recovery, or by
+        the worker a shared queue redelivered it to). Returns whether that counts as a strike, i.e.
+        the start got no page beyond the earlier ones. Call once per death, before ``start``."""
+        if self.pages_kept > self.kept_at_start:
+            self.strikes = 0
+            return False
+        self.strikes += 1
+        return True
+
+    @property
+    def stuck_page(self) -> int | None:
+        """The first page not done: the one the strikes are on; ``None`` once every page is done."""
+        if self.pages_kept < len(self.page_numbers):
+            return self.page_numbers[self.pages_kept]
+        return None
+
+    def crash_error(self) -> TaskErrorInfo | None:
+        """Why the task must fail instead of running again, once ``MAX_STRIKES`` deaths in a row
+        got no page further; ``None`` while it may run."""
+        if self.strikes < MAX_STRIKES:
+            return None
+        page = self.stuck_page
+        if page is None:
+            cause = "while storing its results, every page being done"
+        else:
+            cause = (
+                f"at page {page}, without finishing a page in between; that page, or one rendered just "
+                "after it, may crash the service"
+            )
+        return TaskErrorInfo(
+            code="too_many_attempts",
+            message=f"its worker died {self.strikes} times in a row (crashed, ran out of memory or was "
+            f"killed) {cause}. The task is not retried again",
+        )

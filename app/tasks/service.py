@@ -33,10 +33,9 @@ from app.errors import (
     TaskAlreadyFinished,
     TaskNotFinished,
     TaskNotFound,
-    TooManyPages,
 )
 from app.metrics import Metrics
-from app.pipeline.pages import count_pages, select_pages
+from app.pipeline.render_pool import RenderPool
 from app.pipeline.sources import ReceivedFile
 from app.schemas import TaskList, TaskView
 from app.storage.base import TaskStore
@@ -44,7 +43,15 @@ from app.tasks.estimates import QueueBoard
 from app.tasks.events import EventHub, EventKind, TaskEvent
 from app.tasks.followups import FollowUps
 from app.tasks.idempotency import IdempotencyKeys, fingerprint
-from app.tasks.model import Progress, QueueEstimate, SourceInfo, TaskOptions, TaskRecord, TaskStatus
+from app.tasks.model import (
+    MAX_STRIKES,
+    Progress,
+    QueueEstimate,
+    SourceInfo,
+    TaskOptions,
+    TaskRecord,
+    TaskStatus,
+)
 from app.tasks.queue import TaskQueue
 
 log = logging.getLogger(__name__)
@@ -80,9 +87,11 @@ class TaskService:
         metrics: Metrics,
         limits: Limits,
         events: EventHub,
+        renders: RenderPool,
         followups: FollowUps | None = None,
     ) -> None:
         self.store = store
+        self._renders = renders  # opens and counts uploads, away from the event loop
         self.queue = queue
         self.metrics = metrics
         self.limits = limits
@@ -180,15 +189,14 @@ class TaskService:
                 await self._check_callback(options.callback_url)
             if options.dpi > self.limits.max_dpi:
                 raise InvalidOptions(f"dpi {options.dpi} is above the limit of {self.limits.max_dpi}")
-            page_count = await asyncio.to_thread(
-                count_pages, received.path, received.kind, max_pixels=self.limits.max_page_pixels
+            inspection = await self._renders.inspect(
+                received.path,
+                received.kind,
+                options.pages,
+                max_pages=self.limits.max_pages,
+                max_pixels=self.limits.max_page_pixels,
             )
-            numbers = select_pages(options.pages, page_count)
-            if len(numbers) > self.limits.max_pages:
-                raise TooManyPages(
-                    f"{len(numbers)} pages selected; the limit is {self.limits.max_pages} (APP_MAX_PAGES). "
-                    'Select fewer with the "pages" option.'
-                )
+            page_count, numbers = inspection.page_count, inspection.numbers
             try:
                 reservation = await self.queue.reserve()
             except QueueFull:
@@ -471,8 +479,12 @@ class TaskService:
     async def recover(self) -> int:
         """Queue again every task a previous process accepted but did not finish.
 
-        Oldest first. A task that was ``running`` resumes from its stored raw pages. A durable
-        queue needs none of this: it redelivers what a stopped worker held.
+        Oldest first. A task still ``running`` lost its worker with the previous process (a shutdown
+        hands its task back ``queued``): that death is told to the record, whose rule decides
+        whether it counts against the task (``TaskRecord.interrupted``), and the task resumes from
+        its stored raw pages, or fails at its start if its pages keep killing the service. A
+        durable queue needs none of this: it redelivers what a stopped worker held, and the worker
+        taking it applies the same rule.
         """
         await asyncio.to_thread(self.store.clear_spool)
         if self.queue.durable:
@@ -485,6 +497,18 @@ class TaskService:
                 if self.followups is not None:
                     self.followups.plan(record)  # started with the other unfinished follow-ups
             else:
+                if record.status is TaskStatus.RUNNING:
+                    if record.interrupted():
+                        log.warning(
+                            "task %s: the service died at its page %s, with no page done since it started "
+                            "(strike %d of %d)",
+                            record.task_id,
+                            record.stuck_page,
+                            record.strikes,
+                            MAX_STRIKES,
+                        )
+                    record.started_at = None
+                    record.waiting_reason = "interrupted by a restart; resumes from its last finished page"
                 record.status = TaskStatus.QUEUED
             # A status change nobody here follows yet; counted, so a client that reconnects with an
             # id from before the restart gets the state as it is now.

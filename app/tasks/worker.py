@@ -28,13 +28,12 @@ from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
 from app.schemas import TaskView
 from app.tasks.events import EventKind
-from app.tasks.model import TaskErrorInfo, TaskRecord, TaskStatus
+from app.tasks.model import MAX_STRIKES, TaskErrorInfo, TaskRecord, TaskStatus
 from app.tasks.options import EngineDefaults, recognize_options
 from app.tasks.service import TaskService
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3  # starts of one task (restarts included) before it is failed instead of retried
 _CANCEL_POLL_SECONDS = 1.0  # how soon a cancel sent to another process reaches a running task
 _RECONNECT_FIRST_SECONDS = 0.5  # backoff while the shared queue is unreachable, doubling...
 _RECONNECT_MAX_SECONDS = 10.0  # ...up to this
@@ -145,18 +144,22 @@ class WorkerPool:
                 record = await self._service.get(task_id)
             except TaskNotFound:
                 return None
-            # ``running`` arrives only from a shared queue: its worker went silent and it is redelivered.
             if record.status.is_final:
                 return None
+            # ``running`` arrives only from a shared queue: its worker went silent (died, or lost Redis
+            # or its machine) and the task is redelivered. Whether that counts against the task is
+            # the record's rule; recovery applies it for the in-process queue.
             if record.status is TaskStatus.RUNNING:
                 log.warning("task %s: taking it over from a worker that went silent", task_id)
-            record.lease += 1
-            record.status = TaskStatus.RUNNING
-            record.started_at = datetime.now(UTC)
-            record.finished_at = None
-            record.attempts += 1
-            record.waiting_reason = None
-            record.error = None
+                if record.interrupted():
+                    log.warning(
+                        "task %s: no page done since its worker took it: strike %d of %d at page %s",
+                        task_id,
+                        record.strikes,
+                        MAX_STRIKES,
+                        record.stuck_page,
+                    )
+            record.start()
             try:
                 await self._service.update(record, EventKind.STATUS, expect_lease=record.lease - 1)
             except LeaseLost:
@@ -224,16 +227,10 @@ class WorkerPool:
 
     async def _run(self, record: TaskRecord, lease_lost: asyncio.Event) -> None:
         task_id = record.task_id
-        if record.attempts > MAX_ATTEMPTS:
-            await self._finish(
-                record,
-                TaskStatus.FAILED,
-                TaskErrorInfo(
-                    code="too_many_attempts",
-                    message=f"the task was interrupted {MAX_ATTEMPTS} times (its worker stopped or crashed "
-                    "while running it); it is not retried again",
-                ),
-            )
+        crashed = record.crash_error()
+        if crashed is not None:
+            log.warning("task %s failed: %s", task_id, crashed.message)
+            await self._finish(record, TaskStatus.FAILED, crashed)
             return
         self._metrics.tasks_running.inc()
         try:
@@ -277,9 +274,7 @@ class WorkerPool:
                 raise _ShuttingDown
 
         async def on_page(page: AssembledPage, seconds: float) -> None:
-            record.progress.pages_done += 1
-            if page.truncated and page.number not in record.truncated_pages:
-                record.truncated_pages.append(page.number)
+            record.count_page(page.number, truncated=page.truncated)
             await self._service.page_done(record, number=page.number, index=page.index, seconds=seconds)
 
         record.progress.pages_done = 0
