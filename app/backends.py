@@ -17,6 +17,7 @@ from app.metrics import Metrics
 from app.storage.base import TaskStore
 from app.storage.local import LocalStore
 from app.tasks.events import EventHub, MemoryEventHub
+from app.tasks.idempotency import KEY_TTL
 from app.tasks.queue import MemoryQueue, TaskQueue
 
 
@@ -66,7 +67,7 @@ def build_backends(settings: Settings, metrics: Metrics) -> Backends:
         pool_timeout=settings.redis_pool_timeout_seconds,
     )
     store = SharedStore(
-        records=RedisRecords(records_client),
+        records=RedisRecords(records_client, idempotency_ttl=KEY_TTL),
         bucket=S3Bucket(s3_bucket_config(settings, max_attempts=5)),
         prefix=settings.s3_prefix,
         spool_dir=settings.data_dir / "spool",

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field, HttpUrl
 
-from app.tasks.model import (
+from app.records import (
     Progress,
     PublishState,
     QueueEstimate,

@@ -31,13 +31,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is built here; nothing is downloaded
 
+from app.documents import DocumentKind
 from app.engines.base import RecognizeOptions  # after the environment above
 from app.engines.manager import ModelManager
 from app.engines.vllm import RemoteEngine
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
-from app.pipeline.sniff import DocumentKind
 from app.storage.local import LocalStore
 from app.tasks.options import MODE_PROMPTS
 from tests.documents import make_pdf

@@ -28,11 +28,11 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from app.config import Settings
+from app.documents import DocumentKind
 from app.engines.base import RecognizeOptions
 from app.engines.hf import HFEngine
 from app.main import create_app
 from app.pipeline.pages import render_pages
-from app.pipeline.sniff import DocumentKind
 from tests.documents import PICTURE_RECT, make_pdf, norm_box
 from tests.servers import ThreadedServer
 from tests.tiny_model import ScriptedAnswers, build_tiny_ocr2

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from app.pipeline.sniff import DocumentKind
+from app.documents import DocumentKind
+from app.records import MAX_STRIKES, Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from app.storage.local import LocalStore
-from app.tasks.model import MAX_STRIKES, Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from tests.crashing_service import crash_pdf
 from tests.documents import make_pdf
 from tests.scale_cluster import Cluster, Node, RedisServer, S3Server, submit, wait_until_ended

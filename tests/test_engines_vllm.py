@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.documents import DocumentKind
 from app.engines.async_base import ConcurrentEngine
 from app.engines.base import END_MARKER, RecognizeOptions
 from app.engines.factory import engine_factory, server_health_check
@@ -40,7 +41,6 @@ from app.errors import EngineError, ModelUnavailable
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
-from app.pipeline.sniff import DocumentKind
 from app.storage.local import LocalStore
 from tests.openai_servers import FakeOpenAI, Reply, VllmStandIn, completion, request_image
 from tests.servers import free_port

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from app.api.body_limits import MAX_JSON_DEPTH, json_nesting_exceeds
-from app.tasks.model import TaskOptions
+from app.records import TaskOptions
 from tests.documents import make_pdf
 from tests.servers import ProcessServer
 from tests.test_api_e2e import PAGE_1, finished, upload

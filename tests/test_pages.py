@@ -12,6 +12,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
+from app.documents import DocumentKind, select_pages, validate_page_spec
 from app.errors import InvalidDocument, InvalidOptions, TooManyPages
 from app.pipeline.pages import (
     Inspection,
@@ -20,10 +21,7 @@ from app.pipeline.pages import (
     inspect_document,
     open_document,
     render_pages,
-    select_pages,
-    validate_page_spec,
 )
-from app.pipeline.sniff import DocumentKind
 from tests.documents import png_declaring
 from tests.test_hostile_documents import (
     chunk_padded_png,

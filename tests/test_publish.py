@@ -24,11 +24,11 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.errors import RecordChanged
 from app.metrics import Metrics
+from app.records import TaskRecord, TaskStatus
 from app.storage.links import LinkSigner
 from app.storage.local import LocalStore
 from app.storage.publish import BucketPublisher, LinkPublisher, publisher_from_settings
 from app.tasks.followups import FollowUps
-from app.tasks.model import TaskRecord, TaskStatus
 from tests.documents import PICTURE_RECT, make_pdf, norm_box
 from tests.s3_server import KEY_ID, SECRET, MotoS3
 from tests.servers import REPO, wait_for

@@ -16,15 +16,16 @@ import httpx
 import pytest
 from PIL import Image
 
+from app.documents import DocumentKind
 from app.errors import LeaseLost, QueueFull, RecordChanged, ResultNotFound, TaskNotFound
 from app.metrics import Metrics
-from app.pipeline.sniff import DocumentKind
+from app.records import Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from app.storage.redis_conn import async_client, sync_client
 from app.storage.redis_records import RedisRecords
 from app.storage.s3 import BucketConfig, S3Bucket
 from app.storage.shared import SharedStore
 from app.tasks.events import EventKind, TaskEvent
-from app.tasks.model import Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
+from app.tasks.idempotency import KEY_TTL
 from app.tasks.redis_events import RedisEventHub
 from app.tasks.redis_queue import RedisQueue
 from tests.documents import make_pdf
@@ -129,7 +130,10 @@ async def test_queued_tasks_survive_a_redis_restart(redis_server):
 @pytest.fixture
 def records(redis_server: RedisServer) -> Iterator[tuple[RedisRecords, RedisRecords]]:
     clients = [sync_client(redis_server.url) for _ in range(2)]
-    yield RedisRecords(clients[0]), RedisRecords(clients[1])
+    yield (
+        RedisRecords(clients[0], idempotency_ttl=KEY_TTL),
+        RedisRecords(clients[1], idempotency_ttl=KEY_TTL),
+    )
     for client in clients:
         client.close()
 
@@ -263,7 +267,7 @@ def store(redis_server: RedisServer, s3: S3Server, tmp_path: Path) -> Iterator[S
         )
     )
     shared = SharedStore(
-        records=RedisRecords(client),
+        records=RedisRecords(client, idempotency_ttl=KEY_TTL),
         bucket=bucket,
         prefix="/team-a/",
         spool_dir=tmp_path / "spool",

@@ -8,7 +8,8 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from app.pipeline.sniff import SNIFF_BYTES, DocumentKind, sniff
+from app.documents import DocumentKind
+from app.pipeline.sniff import SNIFF_BYTES, sniff
 
 
 def _image_bytes(format_: str) -> bytes:

@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from app.addresses import GuardedTransport, is_public_address
+from app.documents import DocumentKind
 from app.errors import (
     InvalidDocument,
     InvalidOptions,
@@ -26,14 +28,11 @@ from app.errors import (
     UrlFetchFailed,
     UrlNotAllowed,
 )
-from app.pipeline.sniff import DocumentKind
 from app.pipeline.sources import (
     MAX_FIELD_BYTES,
     MULTIPART_OVERHEAD,
-    GuardedTransport,
     clean_filename,
     fetch_url,
-    is_public_address,
     receive_multipart,
 )
 from tests.servers import ThreadedServer

@@ -12,8 +12,9 @@ from typing import Annotated, Any, BinaryIO
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
+from app.result_files import ARCHIVE_NAME
 from app.schemas import ErrorBody
-from app.storage.archive import ARCHIVE_NAME, CHUNK
+from app.storage.archive import CHUNK
 from app.storage.links import SHARE_PREFIX
 from app.tasks.downloads import Downloads
 from app.tasks.followups import FollowUps

@@ -29,10 +29,10 @@ from app.api.stream_caps import CLIENT_CLOSED_REQUEST, HeldKind, unless_disconne
 from app.config import Settings
 from app.errors import InvalidOptions
 from app.pipeline.sources import ReceivedFile, fetch_url, receive_multipart
+from app.records import PublishState, TaskOptions, TaskStatus
+from app.result_files import PREVIEW_CONTENT_TYPE, RESULT_FILES
 from app.schemas import ErrorBody, LinkCreate, LinkView, TaskCreate, TaskList, TaskView
-from app.storage.local import PREVIEW_CONTENT_TYPE, RESULT_FILES
 from app.tasks.events import parse_last_event_id
-from app.tasks.model import PublishState, TaskOptions, TaskStatus
 from app.tasks.service import Created, TaskService
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], dependencies=[ApiKeyDep])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import struct
 import sys
 import threading
@@ -26,8 +25,8 @@ from typing import Self, cast
 import pymupdf
 from PIL import ExifTags, Image
 
+from app.documents import DocumentKind, out_of_range, select_pages
 from app.errors import InvalidDocument, InvalidOptions, RenderMemoryExceeded, TooManyPages
-from app.pipeline.sniff import DocumentKind
 
 
 @dataclass
@@ -45,84 +44,6 @@ class Inspection:
 
     page_count: int  # pages in the document (frames of a TIFF)
     numbers: list[int]  # the 1-based pages its ``pages`` selection picks, each one known to load
-
-
-# --- page selection -------------------------------------------------------------------------------
-
-_MAX_SPEC_CHARS = 1000  # a page spec longer than this is a mistake, not a selection
-_RANGE = re.compile(r"\s*(\d+)\s*(?:(-)\s*(\d*)\s*)?")
-
-
-def validate_page_spec(spec: str) -> None:
-    """Check the syntax of a page spec such as ``"1-3,7,10-"`` before the page count is known.
-
-    Raises ``InvalidOptions`` for bad syntax, page 0 and reversed ranges.
-    """
-    _parse_spec(spec)
-
-
-def select_pages(spec: str | None, page_count: int, *, max_pages: int | None = None) -> list[int]:
-    """Return the sorted, unique 1-based page numbers a spec selects in a document of ``page_count``.
-
-    ``None`` or a blank spec selects every page; ``"5-"`` runs to the last page. Raises
-    ``InvalidOptions`` for anything ``validate_page_spec`` refuses and for pages past the end, and
-    ``TooManyPages`` when more than ``max_pages`` are selected; that is found before any list is
-    built, so a document claiming billions of pages costs nothing.
-    """
-    if spec is None or not spec.strip():
-        ranges = [(1, page_count)]
-    else:
-        ranges = []
-        for first, last in _parse_spec(spec):
-            end = page_count if last is None else last
-            if max(first, end) > page_count:
-                raise InvalidOptions(_out_of_range(max(first, end), page_count))
-            ranges.append((first, end))
-    if max_pages is not None:
-        selected = _count_selected(ranges)
-        if selected > max_pages:
-            raise TooManyPages(
-                f"{selected} pages selected; the limit is {max_pages} (APP_MAX_PAGES). "
-                'Select fewer with the "pages" option.'
-            )
-    return sorted({number for first, end in ranges for number in range(first, end + 1)})
-
-
-def _count_selected(ranges: list[tuple[int, int]]) -> int:
-    """How many distinct pages the closed ``(first, last)`` ranges cover, overlaps counted once."""
-    total, covered = 0, 0  # ``covered``: the highest page counted so far
-    for first, last in sorted(ranges):
-        if last > covered:
-            total += last - max(first, covered + 1) + 1
-            covered = last
-    return total
-
-
-def _parse_spec(spec: str) -> list[tuple[int, int | None]]:
-    """Split a spec into ``(first, last)`` ranges; ``last`` is ``None`` for an open range."""
-    if len(spec) > _MAX_SPEC_CHARS:
-        raise InvalidOptions(f"the page selection is longer than {_MAX_SPEC_CHARS} characters")
-    ranges: list[tuple[int, int | None]] = []
-    for item in spec.split(","):
-        match = _RANGE.fullmatch(item)
-        if match is None:
-            raise InvalidOptions(
-                f"invalid page selection {spec!r}: {item.strip()!r} is not a page or a range "
-                "(use a form like '1-3,7,10-')"
-            )
-        first = int(match[1])
-        last = None if match[2] and not match[3] else int(match[3] or first)
-        if first == 0 or last == 0:
-            raise InvalidOptions(f"invalid page selection {spec!r}: pages are numbered from 1")
-        if last is not None and last < first:
-            raise InvalidOptions(f"invalid page selection {spec!r}: the range {first}-{last} is reversed")
-        ranges.append((first, last))
-    return ranges
-
-
-def _out_of_range(number: int, page_count: int) -> str:
-    pages = "page" if page_count == 1 else "pages"
-    return f"page {number} is out of range: the document has {page_count} {pages}"
 
 
 # --- counting and rendering -----------------------------------------------------------------------
@@ -284,7 +205,7 @@ def open_document(path: Path, kind: DocumentKind) -> Document:
 
 def _check_in_range(number: int, page_count: int) -> None:
     if not 1 <= number <= page_count:
-        raise InvalidOptions(_out_of_range(number, page_count))
+        raise InvalidOptions(out_of_range(number, page_count))
 
 
 def _out_of_memory(page: str) -> RenderMemoryExceeded:
@@ -511,7 +432,7 @@ class _ImageDocument(Document):
                 return
             except EOFError:
                 pass
-        raise InvalidOptions(_out_of_range(number, _count_frames(self._image, self._kind, number)))
+        raise InvalidOptions(out_of_range(number, _count_frames(self._image, self._kind, number)))
 
     def close(self) -> None:
         self._closing.close()

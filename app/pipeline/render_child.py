@@ -35,9 +35,9 @@ from typing import Any
 
 import pymupdf
 
+from app.documents import DocumentKind
 from app.errors import DsocrError, InvalidDocument, RenderMemoryExceeded
 from app.pipeline.pages import Document, inspect_document, open_document
-from app.pipeline.sniff import DocumentKind
 
 LENGTH = struct.Struct(">I")  # the length of each frame's JSON
 MAX_HEADER_BYTES = 1 << 20  # a JSON frame longer than this is a broken peer, not a message

@@ -32,6 +32,7 @@ from typing import Any, Self
 
 from PIL import Image
 
+from app.documents import DocumentKind
 from app.errors import (
     DocumentTooComplex,
     DsocrError,
@@ -45,7 +46,6 @@ from app.errors import (
 )
 from app.pipeline.pages import Inspection, PageImage
 from app.pipeline.render_child import LENGTH, MAX_HEADER_BYTES
-from app.pipeline.sniff import DocumentKind
 
 log = logging.getLogger(__name__)
 

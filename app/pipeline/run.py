@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.documents import DocumentKind
 from app.engines.base import PageText, RecognizeOptions
 from app.engines.manager import DispatchLimits, ModelManager
 from app.errors import DsocrError, PageFailed
@@ -32,7 +33,6 @@ from app.pipeline.assemble import AssembledPage, assemble_page, merge_markdown
 from app.pipeline.grounding import parse_page
 from app.pipeline.pages import PageImage
 from app.pipeline.render_pool import RenderPool
-from app.pipeline.sniff import DocumentKind
 from app.storage.base import TaskStore
 
 OnPage = Callable[[AssembledPage, float], Awaitable[None]]

@@ -6,7 +6,7 @@ decide. Only the kinds the pipeline can render are recognised; anything else is 
 
 from __future__ import annotations
 
-from enum import StrEnum
+from app.documents import DocumentKind
 
 SNIFF_BYTES = 1024  # how many leading bytes ``sniff`` needs to decide
 
@@ -14,29 +14,6 @@ SNIFF_BYTES = 1024  # how many leading bytes ``sniff`` needs to decide
 # the versions in use (OS/2 core, BITMAPINFOHEADER, the Adobe variants, V4, V5). Checking it keeps
 # any text that happens to start with "BM" from passing for a bitmap.
 _BMP_DIB_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
-
-
-class DocumentKind(StrEnum):
-    """A document type the pipeline can turn into page images."""
-
-    PDF = "pdf"
-    PNG = "png"
-    JPEG = "jpeg"
-    WEBP = "webp"
-    TIFF = "tiff"
-    BMP = "bmp"
-
-    @property
-    def content_type(self) -> str:
-        """The media type to report for this kind, e.g. ``application/pdf``."""
-        if self is DocumentKind.PDF:
-            return "application/pdf"
-        return f"image/{self.value}"
-
-    @property
-    def extension(self) -> str:
-        """The usual file extension, dot included, for names that have none."""
-        return ".jpg" if self is DocumentKind.JPEG else f".{self.value}"
 
 
 def sniff(head: bytes) -> DocumentKind | None:

@@ -15,17 +15,11 @@ from typing import BinaryIO
 
 from zipstream import ZipStream
 
+from app.records import TaskRecord
+from app.result_files import ARCHIVE_NAME, ARCHIVE_TYPE, IMAGE_TYPE, RESULT_FILES
 from app.storage.base import TaskStore
-from app.storage.local import RESULT_FILES
-from app.tasks.model import TaskRecord
 
-ARCHIVE_NAME = "result.zip"
-ARCHIVE_TYPE = "application/zip"
-IMAGE_TYPE = "image/png"
 CHUNK = 64 * 1024
-# Names the HTTP routes give a stored file: GET /v1/tasks/{id}/result.md serves full.md, so a share
-# link, publish or download asked for by the route's name means the same file.
-ROUTE_NAMES = {"result.md": "full.md"}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Protocol
 
 from PIL import Image
 
-from app.tasks.model import TaskRecord, TaskStatus
+from app.records import TaskRecord, TaskStatus
 
 
 @dataclass(frozen=True)

@@ -33,17 +33,11 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from app.errors import ResultNotFound, StorageError, TaskNotFound
+from app.records import TASK_ID_PATTERN, TaskRecord
+from app.result_files import IMAGE_NAME, RESULT_FILES
 from app.storage.base import RecordSummary, summary_of
-from app.tasks.model import TASK_ID_PATTERN, TaskRecord
 
-RESULT_FILES = {
-    "full.md": "text/markdown; charset=utf-8",
-    "layout.json": "application/json",
-    "result.json": "application/json",
-}
-IMAGE_NAME = re.compile(r"^p\d{4}_\d{2}\.png$")
 PREVIEW_MAX_SIDE = 1600  # px; enough to read a page in the console, about 130 kB a page as WebP
-PREVIEW_CONTENT_TYPE = "image/webp"
 KEY_NAME = re.compile(r"^[0-9a-f]{64}$")  # an idempotency entry: a SHA-256 hex digest, never the key
 
 

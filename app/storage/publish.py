@@ -22,11 +22,11 @@ from typing import Protocol
 
 from app.config import Settings
 from app.errors import PublishFailed
+from app.records import DeliveryStatus, PublishState, TaskRecord
 from app.storage.archive import ResultFile, open_result, result_files
 from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
 from app.storage.s3 import BucketConfig, S3Bucket, UploadError, s3_bucket_config
-from app.tasks.model import DeliveryStatus, PublishState, TaskRecord
 
 log = logging.getLogger(__name__)
 

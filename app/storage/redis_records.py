@@ -29,10 +29,9 @@ from typing import Any, cast
 import redis
 
 from app.errors import LeaseLost, RecordChanged, ServiceUnavailable, TaskNotFound
+from app.records import TASK_ID_PATTERN, TaskRecord, TaskStatus
 from app.storage.base import RecordSummary, summary_of
 from app.storage.redis_conn import translated
-from app.tasks.idempotency import KEY_TTL
-from app.tasks.model import TASK_ID_PATTERN, TaskRecord, TaskStatus
 
 PREFIX = "dsocr:"
 SUMMARIES = f"{PREFIX}summaries"
@@ -91,8 +90,10 @@ def _parse_summary(task_id: str, raw: bytes) -> RecordSummary:
 class RedisRecords:
     """The record half of the shared store (``app.storage.shared``)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, idempotency_ttl: timedelta) -> None:
+        """``idempotency_ttl``: how long an idempotency key's entry counts (the job system's rule)."""
         self._redis = client
+        self._idempotency_ttl = idempotency_ttl
         self._save = client.register_script(_SAVE)
 
     def ping(self) -> bool:
@@ -188,7 +189,7 @@ class RedisRecords:
 
     def write_key(self, name: str, entry: dict[str, Any]) -> None:
         # Expires on its own a little after the entry itself says it has (app.tasks.idempotency).
-        ttl = KEY_TTL + timedelta(minutes=5)
+        ttl = self._idempotency_ttl + timedelta(minutes=5)
         with translated("writing an idempotency key"):
             self._redis.set(f"{PREFIX}idem:{name}", json.dumps(entry), ex=ttl)
 

@@ -35,11 +35,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 
 from app.errors import BackendUnavailable, ResultNotFound, StorageError
+from app.records import TASK_ID_PATTERN, TaskRecord
+from app.result_files import IMAGE_NAME, PREVIEW_CONTENT_TYPE, RESULT_FILES
 from app.storage.base import RecordSummary
-from app.storage.local import IMAGE_NAME, PREVIEW_CONTENT_TYPE, RESULT_FILES, encode_preview
+from app.storage.local import encode_preview
 from app.storage.redis_records import RedisRecords
 from app.storage.s3 import S3Bucket
-from app.tasks.model import TASK_ID_PATTERN, TaskRecord
 
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _SPOOLED = re.compile(r"^[0-9a-f]{32}$")

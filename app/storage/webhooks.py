@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
+from app.addresses import GuardedTransport, is_public_address
 from app.errors import UrlNotAllowed
-from app.pipeline.sources import GuardedTransport, is_public_address
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 from app.errors import InvalidOptions, ResultNotFound, TaskNotFinished
-from app.storage.archive import ROUTE_NAMES, ResultFile, archive_chunks, open_result, result_files
+from app.records import TaskRecord, TaskStatus
+from app.result_files import ROUTE_NAMES
+from app.storage.archive import ResultFile, archive_chunks, open_result, result_files
 from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
-from app.tasks.model import TaskRecord, TaskStatus
 
 
 @dataclass(frozen=True)

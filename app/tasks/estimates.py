@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from app.tasks.model import QueueEstimate
+from app.records import QueueEstimate
 
 SMOOTHING = 0.1  # weight of the newest page in the moving average of seconds per page
 

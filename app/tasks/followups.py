@@ -21,11 +21,7 @@ from datetime import UTC, datetime
 
 from app.errors import DsocrError, InvalidOptions, PublishFailed, RecordChanged, TaskNotFinished
 from app.metrics import Metrics
-from app.schemas import TaskView
-from app.storage.base import TaskStore
-from app.storage.publish import Publisher
-from app.storage.webhooks import Attempt, WebhookSender, check_callback_url
-from app.tasks.model import (
+from app.records import (
     DeliveryStatus,
     PublishState,
     TaskErrorInfo,
@@ -33,6 +29,10 @@ from app.tasks.model import (
     TaskStatus,
     WebhookState,
 )
+from app.schemas import TaskView
+from app.storage.base import TaskStore
+from app.storage.publish import Publisher
+from app.storage.webhooks import Attempt, WebhookSender, check_callback_url
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import IdempotencyKeyReused
+from app.records import TaskOptions
 from app.storage.base import TaskStore
-from app.tasks.model import TaskOptions
 
 KEY_TTL = timedelta(hours=24)
 

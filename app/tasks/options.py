@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.engines.base import RecognizeOptions
-from app.tasks.model import TaskOptions
+from app.records import TaskOptions
 
 MODE_PROMPTS = {
     "document": "<|grounding|>Convert the document to markdown.",

@@ -37,13 +37,7 @@ from app.errors import (
 from app.metrics import Metrics
 from app.pipeline.render_pool import RenderPool
 from app.pipeline.sources import ReceivedFile
-from app.schemas import TaskList, TaskView
-from app.storage.base import TaskStore
-from app.tasks.estimates import QueueBoard
-from app.tasks.events import EventHub, EventKind, TaskEvent
-from app.tasks.followups import FollowUps
-from app.tasks.idempotency import IdempotencyKeys, fingerprint
-from app.tasks.model import (
+from app.records import (
     MAX_STRIKES,
     Progress,
     QueueEstimate,
@@ -52,6 +46,12 @@ from app.tasks.model import (
     TaskRecord,
     TaskStatus,
 )
+from app.schemas import TaskList, TaskView
+from app.storage.base import TaskStore
+from app.tasks.estimates import QueueBoard
+from app.tasks.events import EventHub, EventKind, TaskEvent
+from app.tasks.followups import FollowUps
+from app.tasks.idempotency import IdempotencyKeys, fingerprint
 from app.tasks.queue import TaskQueue
 
 log = logging.getLogger(__name__)

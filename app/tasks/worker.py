@@ -26,9 +26,9 @@ from app.errors import BackendUnavailable, DsocrError, LeaseLost, TaskCanceled, 
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
+from app.records import MAX_STRIKES, TaskErrorInfo, TaskRecord, TaskStatus
 from app.schemas import TaskView
 from app.tasks.events import EventKind
-from app.tasks.model import MAX_STRIKES, TaskErrorInfo, TaskRecord, TaskStatus
 from app.tasks.options import EngineDefaults, recognize_options
 from app.tasks.service import TaskService
 

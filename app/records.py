@@ -12,8 +12,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.pipeline.pages import validate_page_spec
-from app.pipeline.sniff import DocumentKind
+from app.documents import DocumentKind, validate_page_spec
 
 TASK_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAX_STRIKES = 3  # deaths of its worker in a row, with no page done in between, before a task fails
