@@ -7,12 +7,11 @@ metrics are labelled by route template, never by raw path: task ids must not lea
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from app.engines.gpu import GpuProbe
 
 # Pages take from a tenth of a second (tiny pages, vLLM batches) to minutes (dense pages on CPU).
 PAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -20,10 +19,28 @@ TASK_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+class MemoryReading(Protocol):
+    """One GPU's memory as ``app.engines.gpu.GpuMemory`` reports it (described here, not imported:
+    metrics sit below every layer that updates them)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def used_bytes(self) -> int: ...
+    @property
+    def free_bytes(self) -> int: ...
+
+
+class MemorySource(Protocol):
+    """What reads GPU memory (``app.engines.gpu.GpuProbe``); ``None``: no GPU."""
+
+    def memory(self) -> MemoryReading | None: ...
+
+
 class _GpuCollector(Collector):
     """Reads GPU memory at scrape time, so the numbers are never stale."""
 
-    def __init__(self, probe: GpuProbe) -> None:
+    def __init__(self, probe: MemorySource) -> None:
         self._probe = probe
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -41,7 +58,7 @@ class _GpuCollector(Collector):
 class Metrics:
     """The service's metrics; components receive this object and update what they own."""
 
-    def __init__(self, gpu_probe: GpuProbe, *, role: str = "all") -> None:
+    def __init__(self, gpu_probe: MemorySource, *, role: str = "all") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         # The queue and worker metrics carry the process's APP_ROLE: with a shared queue every API

@@ -463,8 +463,9 @@ def step_hf(args: argparse.Namespace, out: StepOutput, seconds: float) -> None:
 
     from app.config import Settings
     from app.engines.gpu import NvmlProbe
-    from app.engines.hf import HFEngine, pick_device
+    from app.engines.hf import HFEngine
     from app.engines.resolve import resolve_model
+    from app.engines.torch_support import pick_device
     from app.main import create_app
     from tests.documents import make_pdf
     from tests.servers import ThreadedServer

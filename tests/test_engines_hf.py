@@ -17,9 +17,11 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.engines.base import END_MARKER, OCREngine, PageText, RecognizeOptions
-from app.engines.hf import HFEngine, build_engine, pick_device, torch_dtype
+from app.engines.factory import build_engine
+from app.engines.hf import HFEngine
 from app.engines.remote_code import RemoteCodeEngine
 from app.engines.resolve import ModelChoice, ModelFamily
+from app.engines.torch_support import pick_device, torch_dtype
 from app.errors import EngineError, ModelUnavailable
 from tests.tiny_model import ScriptedAnswers, write_remote_code_standin
 

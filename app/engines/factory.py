@@ -4,11 +4,16 @@ adapter) or ``vllm`` (a remote OpenAI-compatible server, or vLLM in this process
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from app.config import Settings
+from app.engines.base import OCREngine
 from app.engines.manager import Engine, EngineFactory, HealthCheck
 from app.engines.token_budget import prompt_token_bound
 from app.engines.vllm import RemoteEngine, check_server
+
+if TYPE_CHECKING:
+    from app.engines.resolve import ModelChoice
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +36,8 @@ def planned_model(settings: Settings) -> tuple[str, str] | None:
     """
     if settings.backend != "hf" or settings.ds_model_path is not None:
         return None
-    from app.engines.hf import pick_device
     from app.engines.resolve import default_model_path
+    from app.engines.torch_support import pick_device
 
     path, reason = default_model_path(cuda_available=pick_device(settings.force_cpu) == "cuda")
     log.info("model %s will be loaded on the first task: %s", path, reason)
@@ -96,8 +101,8 @@ def _build_vllm(settings: Settings) -> tuple[Engine, str]:
 
 def _build_hf(settings: Settings) -> tuple[Engine, str]:
     # Imported here: torch and transformers are not needed by a service that uses a remote server.
-    from app.engines.hf import build_engine, pick_device
     from app.engines.resolve import resolve_model
+    from app.engines.torch_support import pick_device
 
     device = pick_device(settings.force_cpu)
     choice = resolve_model(
@@ -115,3 +120,36 @@ def _build_hf(settings: Settings) -> tuple[Engine, str]:
         no_repeat_ngram_size=settings.ds_no_repeat_ngram_size,
     )
     return engine, f"{choice.reason} (device: {device})"
+
+
+def build_engine(
+    choice: ModelChoice,
+    *,
+    device: str,
+    dtype: str,
+    use_flash_attn: bool,
+    batch_size: int,
+    no_repeat_ngram_size: int,
+) -> OCREngine:
+    """The engine for ``choice``'s family, not yet loaded.
+
+    The remote-code engine takes one page per call and uses its ``infer()``'s own n-gram guard, so
+    ``batch_size`` and ``no_repeat_ngram_size`` apply to the native engine only.
+    """
+    # Imported here: torch and transformers are not needed by a service that uses a remote server.
+    from app.engines.resolve import ModelFamily
+
+    if choice.family is ModelFamily.OCR2_NATIVE:
+        from app.engines.hf import HFEngine
+
+        return HFEngine(
+            choice.path,
+            device=device,
+            dtype=dtype,
+            use_flash_attn=use_flash_attn,
+            batch_size=batch_size,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+    from app.engines.remote_code import RemoteCodeEngine
+
+    return RemoteCodeEngine(choice.path, device=device, dtype=dtype, use_flash_attn=use_flash_attn)

@@ -22,8 +22,14 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
 from app.engines.base import END_MARKER, OCREngine, PageText, RecognizeOptions, StopReason
-from app.engines.hf import IMAGE_TOKEN, flash_attention_usable, load_failure, release_memory, torch_dtype
 from app.engines.resolve import OCR2_NATIVE_MODEL, V1_MAX_TRANSFORMERS
+from app.engines.torch_support import (
+    IMAGE_TOKEN,
+    flash_attention_usable,
+    load_failure,
+    release_memory,
+    torch_dtype,
+)
 from app.errors import EngineError, ModelUnavailable
 
 logger = logging.getLogger(__name__)
