@@ -136,7 +136,7 @@ class BodyLimits:
             f"(APP_MAX_UPLOAD_MB={self._max_upload_bytes // 2**20})"
         )
         if _declared_length(headers) > limit:
-            await self._too_large(scope, receive, send, path, message)
+            await self._too_large(scope, receive, send, path, headers, message)
             return
         received = 0
         complete = False
@@ -175,7 +175,7 @@ class BodyLimits:
             f"(APP_MAX_JSON_BODY_KB={limit // 1024}); documents are uploaded as multipart/form-data"
         )
         if _declared_length(headers) > limit:
-            await self._too_large(scope, receive, send, path, message, drain=True)
+            await self._too_large(scope, receive, send, path, headers, message, drain=True)
             return
         chunks: list[bytes] = []
         received = 0
@@ -188,7 +188,9 @@ class BodyLimits:
             received += len(chunk)
             if received > limit:
                 more = event.get("more_body", False)
-                await self._too_large(scope, receive, send, path, message, drain=more, already=received)
+                await self._too_large(
+                    scope, receive, send, path, headers, message, drain=more, already=received
+                )
                 return
             chunks.append(chunk)
             more_body = event.get("more_body", False)
@@ -215,6 +217,7 @@ class BodyLimits:
         receive: Receive,
         send: Send,
         path: str,
+        headers: Headers,
         message: str,
         *,
         drain: bool = False,
@@ -224,7 +227,6 @@ class BodyLimits:
         if path in SUBMISSION_PATHS and scope["method"] == "POST":
             self._metrics.tasks_rejected.labels(PayloadTooLarge.code).inc()
         status, code = PayloadTooLarge.status_code, PayloadTooLarge.code
-        headers = Headers(scope=scope)
         unread = not (drain and await _drained(receive, headers, already=already))
         await _refuse(scope, receive, send, status, code, message, close=unread)
 

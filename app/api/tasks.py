@@ -265,7 +265,7 @@ async def stream_task_events(
 ) -> Response:
     """Follow a task as Server-Sent Events: each status change and finished page, then its end."""
     after = parse_last_event_id(last_event_id)
-    events = await tasks.follow(task_id, owner=caller, last_event_id=None if after is None else str(after))
+    events = await tasks.follow(task_id, owner=caller, last_event_id=after)
     if events is None:  # 204 is how SSE tells a client (EventSource) to stop reconnecting
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return event_stream(events, ping_seconds=settings.events_ping_seconds)

@@ -357,18 +357,19 @@ class TaskService:
         return await self.get(task_id)
 
     async def follow(
-        self, task_id: str, *, owner: str | None, last_event_id: str | None
+        self, task_id: str, *, owner: str | None, last_event_id: int | None
     ) -> AsyncGenerator[TaskEvent, None] | None:
         """The events of a task for an event stream, or ``None`` when the caller saw its end already.
 
-        Without ``last_event_id`` (a new stream) the first event is the task's current state:
-        ``status``, or ``end`` for a task that is over, then each new event until ``end``. With the
-        id of the last event a reconnecting client got, it gets the events after it; if this
-        process no longer holds them (a restart, or they aged out), the current state instead, so
-        nothing is lost or sent twice. Raises ``TaskNotFound`` before anything is streamed.
+        Without ``last_event_id`` (a new stream; ``events.parse_last_event_id`` reads the header) the
+        first event is the task's current state: ``status``, or ``end`` for a task that is over, then
+        each new event until ``end``. With the id of the last event a reconnecting client got, it gets
+        the events after it; if this process no longer holds them (a restart, or they aged out), the
+        current state instead, so nothing is lost or sent twice. Raises ``TaskNotFound`` before
+        anything is streamed.
         """
         record = await self.get(task_id, owner)
-        after = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else None
+        after = last_event_id
         if after is not None and after > record.last_event_id:
             after = None  # not an id this task has issued: start afresh
         if after is not None and record.status.is_final and after >= record.last_event_id:
