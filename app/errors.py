@@ -31,6 +31,8 @@ stores the same ``code`` and ``message`` on its record.
         ├── EngineError (500, engine_error)
         │   └── ModelUnavailable (503, model_unavailable)
         ├── StorageError (500, storage_error)
+        │   └── BucketRefused (500, storage_error; carries retriable)
+        │       └── ObjectMissing (500, storage_error; callers turn it into their own answer)
         ├── PageFailed (500, page_failed)
         ├── PublishFailed (502, publish_failed)
         └── TaskCanceled (499, canceled; internal: stops a running task at a page boundary)
@@ -236,6 +238,24 @@ class StorageError(ServerError):
     """Raised when a task's files cannot be written or read."""
 
     code = "storage_error"
+
+
+class BucketRefused(StorageError):
+    """Raised when an S3-compatible bucket answers a request with an error, after the client's own
+    retries (``app.storage.s3.bucket_errors`` is the one translation of botocore's errors);
+    ``retriable`` when a later try may succeed (throttling, a timeout, the bucket's own failure)."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class ObjectMissing(BucketRefused):
+    """Raised when the bucket has no object under the key asked for; the store turns it into
+    ``ResultNotFound``, "no such file" or a missing input of its own."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
 
 
 class BackendUnavailable(ServiceUnavailable):

@@ -13,9 +13,18 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.documents import DocumentKind, validate_page_spec
+from app.errors import TaskAlreadyFinished, TaskNotFinished
 
 TASK_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAX_STRIKES = 3  # deaths of its worker in a row, with no page done in between, before a task fails
+
+
+def may_see(caller: str | None, task_owner: str | None) -> bool:
+    """The ownership rule: whether ``caller`` (an API key's hash) may see a task owned by
+    ``task_owner``. No caller (auth off, or the service itself) sees every task; a task without an
+    owner (created with auth off, or before tasks had owners) belongs to everyone."""
+    return caller is None or task_owner is None or task_owner == caller
+
 
 Mode = Literal["document", "free", "figure", "describe"]
 Resolution = Literal["tiny", "small", "base", "large", "gundam"]
@@ -33,6 +42,25 @@ class TaskStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED)
+
+
+# Every legal change of status, in one place; only ``TaskRecord``'s lifecycle methods apply them.
+_NEXT: dict[TaskStatus, frozenset[TaskStatus]] = {
+    # A worker starts it (``start``), or a cancel ends it before it ran (``cancel``).
+    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELED}),
+    TaskStatus.RUNNING: frozenset(
+        {
+            TaskStatus.RUNNING,  # ``start`` again: taken over from a worker that went silent
+            TaskStatus.QUEUED,  # ``requeue``: a shutdown, or a restart found its worker gone
+            TaskStatus.SUCCEEDED,  # ``finish``
+            TaskStatus.FAILED,
+            TaskStatus.CANCELED,
+        }
+    ),
+    TaskStatus.SUCCEEDED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELED: frozenset(),
+}
 
 
 class TaskOptions(BaseModel):
@@ -186,6 +214,18 @@ class TaskRecord(BaseModel):
     # event goes out, so event ids keep increasing across restarts. 1 stands for "accepted".
     last_event_id: int = 0
 
+    def visible_to(self, caller: str | None) -> bool:
+        """Whether ``caller`` may see this task (``may_see``); one it may not is reported exactly
+        as a missing one."""
+        return may_see(caller, self.owner)
+
+    def require_succeeded(self) -> None:
+        """Raise ``TaskNotFinished`` unless the task succeeded: its results exist only then."""
+        if self.status is not TaskStatus.SUCCEEDED:
+            raise TaskNotFinished(
+                f"task {self.task_id} is {self.status.value}; results exist once it succeeded"
+            )
+
     @property
     def duration_seconds(self) -> float | None:
         if self.started_at is None:
@@ -209,18 +249,56 @@ class TaskRecord(BaseModel):
     # raw output is stored. A death in that moment is a strike although a page was stored; the next
     # start reads that page back before anything else and counts it, so the strike is cleared there.
 
+    # --- the lifecycle: the only code that changes ``status`` (legal moves: ``_NEXT``) ---
+
+    def _move(self, to: TaskStatus) -> None:
+        if to not in _NEXT[self.status]:
+            if self.status.is_final:
+                raise TaskAlreadyFinished(f"task {self.task_id} already {self.status.value}")
+            raise RuntimeError(f"task {self.task_id}: no move from {self.status.value} to {to.value}")
+        self.status = to
+
     def start(self) -> None:
         """A worker takes the task: a new lease (the fencing token), ``running``, and the mark the
         next death's progress is measured from. Call ``interrupted`` first when the previous start
         ended with its worker's death."""
+        self._move(TaskStatus.RUNNING)
         self.lease += 1
-        self.status = TaskStatus.RUNNING
         self.started_at = datetime.now(UTC)
         self.finished_at = None
         self.attempts += 1
         self.waiting_reason = None
         self.error = None
         self.kept_at_start = self.pages_kept
+
+    def finish(self, status: TaskStatus, error: TaskErrorInfo | None = None) -> None:
+        """The task ends: ``status`` is final, ``error`` says why it failed. Raises
+        ``TaskAlreadyFinished`` when it had ended already."""
+        if not status.is_final:
+            raise ValueError(f"{status.value} is not a final status")
+        self._move(status)
+        self.error = error
+        self.finished_at = datetime.now(UTC)
+        self.waiting_reason = None
+
+    def requeue(self, reason: str) -> None:
+        """Back to ``queued`` from a start that did not end (a shutdown, or a restart that found its
+        worker gone); the next start resumes from the stored pages. ``reason`` is shown meanwhile."""
+        self._move(TaskStatus.QUEUED)
+        self.started_at = None
+        self.waiting_reason = reason
+
+    def cancel(self) -> bool:
+        """A cancel is asked for. A queued task ends ``canceled`` now (returns True); a running one
+        only records the request, which its worker honours at the next page boundary (False).
+        Raises ``TaskAlreadyFinished`` for a task that has ended."""
+        if self.status.is_final:
+            raise TaskAlreadyFinished(f"task {self.task_id} already {self.status.value}")
+        self.cancel_requested = True
+        if self.status is TaskStatus.QUEUED:
+            self.finish(TaskStatus.CANCELED)
+            return True
+        return False
 
     def count_page(self, number: int, *, truncated: bool) -> None:
         """The running start has done page ``number``, the next one in order (done now, or read

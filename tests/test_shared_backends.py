@@ -14,15 +14,26 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+from botocore.exceptions import ClientError, EndpointConnectionError
 from PIL import Image
 
 from app.documents import DocumentKind
-from app.errors import LeaseLost, QueueFull, RecordChanged, ResultNotFound, TaskNotFound
+from app.errors import (
+    BackendUnavailable,
+    BucketRefused,
+    LeaseLost,
+    ObjectMissing,
+    QueueFull,
+    RecordChanged,
+    ResultNotFound,
+    TaskNotFound,
+)
 from app.metrics import Metrics
 from app.records import Progress, SourceInfo, TaskOptions, TaskRecord, TaskStatus
 from app.storage.redis_conn import async_client, sync_client
 from app.storage.redis_records import RedisRecords
-from app.storage.s3 import BucketConfig, S3Bucket
+from app.storage.s3 import BucketConfig, S3Bucket, bucket_errors
 from app.storage.shared import SharedStore
 from app.tasks.events import EventKind, TaskEvent
 from app.tasks.idempotency import KEY_TTL
@@ -291,9 +302,9 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
     assert store.read_raw(record.task_id, 1) == {"text": "hi", "stop_reason": "eos"}
     assert store.read_raw(record.task_id, 2) is None
     with pytest.raises(ResultNotFound):
-        store.open_preview(record.task_id, 1)
+        store.open_preview(record, 1)
     store.write_preview(record.task_id, 1, Image.new("RGB", (2000, 1000), "white"))
-    with store.open_preview(record.task_id, 1) as preview:
+    with store.open_preview(record, 1) as preview:
         assert Image.open(io.BytesIO(preview.read())).size == (1600, 800)
 
     # Lease 1 stalled; lease 2 took over and finished: what is read is lease 2's, whatever 1 writes.
@@ -302,19 +313,23 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
     store.write_result(record.task_id, "full.md", b"winner", lease=2)
     store.write_result(record.task_id, "full.md", b"stale", lease=1)
     store.write_image(record.task_id, "p0001_01.png", Image.new("RGB", (4, 4), "red"), lease=2)
-    with store.open_result(record.task_id, "full.md") as result:
+    with store.open_result(record, "full.md") as result:
         assert result.read() == b"winner"
-    with store.open_result(record.task_id, "images/p0001_01.png") as image:
+    with store.open_result(record, "images/p0001_01.png") as image:
         assert Image.open(io.BytesIO(image.read())).getpixel((1, 1)) == (255, 0, 0)
     with pytest.raises(ResultNotFound):
-        store.open_result(record.task_id, "layout.json")
+        store.open_result(record, "layout.json")
     with pytest.raises(ResultNotFound):
-        store.open_result(record.task_id, "../../secrets")
+        store.open_result(record, "../../secrets")
+    # Files are read by the record the caller holds, which the store does not read again: a
+    # download that read the record once serves the attempt that record ended with.
+    with store.open_result(record.model_copy(update={"lease": 1}), "full.md") as result:
+        assert result.read() == b"stale"
     keys = s3.objects()
     assert f"team-a/tasks/{record.task_id}/out/2/full.md" in keys
     assert f"team-a/tasks/{record.task_id}/input/document.pdf" in keys
 
-    url = store.result_url(record.task_id, "full.md")
+    url = store.result_url(record, "full.md")
     assert url is not None
     assert "Signature" in url
     assert httpx.get(url).content == b"winner"  # the bucket serves it, with no credentials
@@ -323,6 +338,66 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
     assert s3.objects(f"team-a/tasks/{record.task_id}/") == {}
     with pytest.raises(TaskNotFound):
         store.load(record.task_id)
+
+
+# What botocore raises from S3's answers: ``ClientError`` carries the parsed error document and the
+# HTTP status (botocore.exceptions.ClientError, ``response["Error"]`` and ``["ResponseMetadata"]``).
+def _client_error(code: str, status: int, message: str = "") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "GetObject",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected", "retriable", "status_code"),
+    [
+        (_client_error("NoSuchKey", 404), ObjectMissing, False, 500),
+        (_client_error("404", 404), ObjectMissing, False, 500),  # HEAD answers have no error body
+        (_client_error("SlowDown", 503, "Please reduce your request rate."), BucketRefused, True, 500),
+        (_client_error("AccessDenied", 403, "Access Denied"), BucketRefused, False, 500),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), BackendUnavailable, True, 503),
+    ],
+)
+def test_botocore_errors_are_translated_into_the_error_tree(raised, expected, retriable, status_code):
+    with pytest.raises(expected) as translated, bucket_errors("reading tasks/x/full.md"):
+        raise raised
+    assert type(translated.value) is expected
+    assert translated.value.status_code == status_code
+    assert isinstance(translated.value, BackendUnavailable) or translated.value.retriable is retriable
+    assert "reading tasks/x/full.md" in translated.value.message
+    assert SECRET not in translated.value.message
+
+
+def test_a_missing_bucket_and_a_stopped_one_are_told_apart(store, s3, tmp_path):
+    record = a_record(status=TaskStatus.SUCCEEDED)
+    elsewhere = S3Bucket(
+        BucketConfig(
+            bucket="no-such-bucket",
+            endpoint_url=s3.url,
+            region="us-east-1",
+            access_key_id=KEY_ID,
+            secret_access_key=SECRET,
+        )
+    )
+    with contextlib.closing(elsewhere):
+        with pytest.raises(BucketRefused) as refused:
+            elsewhere.upload("tasks/x/full.md", io.BytesIO(b"x"), "text/markdown")
+        assert "NoSuchBucket" in refused.value.message
+        assert not refused.value.retriable  # publishing gives up at once
+
+    s3.stop()
+    assert not store.writable()
+    with pytest.raises(BackendUnavailable) as unreachable:  # 503: the download may work later
+        store.open_result(record, "full.md")
+    assert SECRET not in unreachable.value.message
+
+
+def record_reads(conn: redis.Redis) -> int:
+    """Records read since the last ``CONFIG RESETSTAT``: ``RedisRecords.load`` reads one with one
+    HMGET, and nothing else sends that command."""
+    stats = conn.info("commandstats").get("cmdstat_hmget")
+    return int(stats["calls"]) if stats else 0
 
 
 def shared_settings(redis_server: RedisServer, s3: S3Server, **overrides: object) -> dict[str, object]:
@@ -370,6 +445,13 @@ def test_one_process_on_redis_and_a_bucket_serves_streams_cancels_and_redirects(
     assert streamed.text == httpx.get(redirect.headers["location"]).text
     assert client.get(f"/v1/tasks/{task_id}/pages/2").headers["content-type"] == "image/webp"
     assert client.get(f"/v1/tasks/{task_id}/result.zip").status_code == 200
+    # A download reads the task's record once, for the owner check, and serves the files by it:
+    # not again in the store, nor once more per file of the zip.
+    with redis_server.client() as conn:
+        for path in (f"/v1/tasks/{task_id}/result.zip", done["links"]["markdown"]):
+            conn.config_resetstat()
+            assert client.get(path).status_code in (200, 307)
+            assert record_reads(conn) == 1, path
 
     slow = upload(client, make_pdf(8, picture_page=None)).json()["task_id"]
     wait_for(lambda: client.get(f"/v1/tasks/{slow}").json()["progress"]["pages_done"] >= 1, timeout=60)

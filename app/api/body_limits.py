@@ -30,7 +30,6 @@ on whole. Refusals use the one error shape, ``{"error": {"code", "message"}}``.
 from __future__ import annotations
 
 import asyncio
-import re
 
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
@@ -39,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.deps import authenticate
 from app.api.errors import error_response
 from app.errors import PayloadTooLarge, Unauthorized
+from app.json_depth import MAX_JSON_DEPTH, json_nesting_exceeds
 from app.metrics import Metrics
 from app.pipeline.sources import MULTIPART_OVERHEAD
 from app.storage.links import SHARE_PREFIX
@@ -47,43 +47,9 @@ UPLOAD_PATHS = frozenset({"/v1/tasks/upload", "/v1/convert"})  # the routes that
 # Routes that create tasks: their refusals count in dsocr_tasks_rejected, as the routes count theirs.
 SUBMISSION_PATHS = UPLOAD_PATHS | {"/v1/tasks"}
 KEYED_PREFIX = "/v1/"  # every route under it needs a key when APP_API_KEYS is set, except share links
-MAX_JSON_DEPTH = 32  # arrays and objects inside each other; real requests nest two or three
-# What decides nesting: brackets, and the quotes and backslashes that hide brackets inside strings.
-_JSON_SYNTAX = re.compile(rb'[\[\]{}"\\]')
 _MAX_LENGTH_DIGITS = 18  # a Content-Length of more digits is past every limit
 DRAIN_BYTES = 1 << 20  # bytes of a refused body read and dropped so that the client sees the answer
 DRAIN_SECONDS = 5.0  # and the time that may take; past either, the connection closes instead
-
-
-def json_nesting_exceeds(text: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
-    """Whether the JSON ``text`` nests arrays and objects more than ``max_depth`` deep.
-
-    A linear scan, without recursion, that stops at the first bracket past the limit. Brackets in
-    strings do not count. For text that is not JSON the answer is arbitrary, and the parser that
-    comes after refuses the text anyway.
-    """
-    depth = 0
-    in_string = False
-    escaped = -1  # the position a backslash inside a string escapes
-    for match in _JSON_SYNTAX.finditer(text):
-        position = match.start()
-        char = text[position : position + 1]
-        if in_string:
-            if position == escaped:
-                continue
-            if char == b"\\":
-                escaped = position + 1
-            elif char == b'"':
-                in_string = False
-        elif char == b'"':
-            in_string = True
-        elif char in (b"[", b"{"):
-            depth += 1
-            if depth > max_depth:
-                return True
-        elif char in (b"]", b"}"):
-            depth -= 1
-    return False
 
 
 class BodyLimits:

@@ -14,6 +14,8 @@ from fastapi.security.utils import get_authorization_scheme_param
 from app.api.stream_caps import HeldKind, StreamCaps
 from app.config import Settings
 from app.errors import ClientError, Unauthorized
+from app.readiness import Readiness
+from app.tasks.intake import Intake
 from app.tasks.service import TaskService
 
 _bearer = HTTPBearer(auto_error=False, description="One of the keys in APP_API_KEYS.")
@@ -33,12 +35,22 @@ async def get_tasks(request: Request) -> TaskService:
     return request.app.state.tasks
 
 
+async def get_intake(request: Request) -> Intake:
+    return request.app.state.intake
+
+
+async def get_readiness(request: Request) -> Readiness:
+    return request.app.state.readiness
+
+
 async def get_stream_caps(request: Request) -> StreamCaps:
     return request.app.state.stream_caps
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TasksDep = Annotated[TaskService, Depends(get_tasks)]
+IntakeDep = Annotated[Intake, Depends(get_intake)]
+ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
 StreamCapsDep = Annotated[StreamCaps, Depends(get_stream_caps)]
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 

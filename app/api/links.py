@@ -1,4 +1,4 @@
-"""Share-link downloads, which need no API key, and the dependencies for publishing and downloads.
+"""Share-link downloads, which need no API key.
 
 ``router`` carries no auth dependency on purpose: the link's signature is its only credential, and
 it grants exactly the one file of the one task it names (``app.storage.links``).
@@ -6,40 +6,18 @@ it grants exactly the one file of the one task it names (``app.storage.links``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
+from app.api.results import DownloadsDep, stream_file
 from app.result_files import ARCHIVE_NAME
 from app.schemas import ErrorBody
-from app.storage.archive import CHUNK
 from app.storage.links import SHARE_PREFIX
-from app.tasks.downloads import Downloads
-from app.tasks.followups import FollowUps
-
-
-async def get_downloads(request: Request) -> Downloads:  # async: no thread hop (see app.api.deps)
-    return request.app.state.downloads
-
-
-async def get_followups(request: Request) -> FollowUps:
-    return request.app.state.followups
-
-
-DownloadsDep = Annotated[Downloads, Depends(get_downloads)]
-FollowUpsDep = Annotated[FollowUps, Depends(get_followups)]
 
 router = APIRouter(prefix=SHARE_PREFIX, tags=["shared"])
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (403, 404, 409)}
-
-
-def stream_file(handle: BinaryIO) -> Iterator[bytes]:
-    """Chunks of ``handle``, closed at the end; a plain iterator, so Starlette reads it in a thread."""
-    with handle:
-        while chunk := handle.read(CHUNK):
-            yield chunk
 
 
 @router.get(

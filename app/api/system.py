@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-from typing import Any
-
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.deps import CredentialsDep, SettingsDep, require_api_key
+from app.api.deps import CredentialsDep, ReadinessDep, SettingsDep, require_api_key
 from app.config import Settings
-from app.engines.manager import ModelManager
-from app.errors import BackendUnavailable, ResultNotFound, Unauthorized
+from app.errors import ResultNotFound, Unauthorized
 
 router = APIRouter(tags=["system"])
 
@@ -36,32 +31,12 @@ async def read_health() -> dict[str, str]:
     },
 )
 async def read_readiness(
-    request: Request, settings: SettingsDep, credentials: CredentialsDep
+    readiness: ReadinessDep, settings: SettingsDep, credentials: CredentialsDep
 ) -> JSONResponse:
     """Readiness: workers alive, storage writable, queue reachable; with a key, the model and engine too."""
-    state = request.app.state
-    pool = state.pool  # None on an API replica (APP_ROLE=api): its workers run elsewhere
-    writable = await asyncio.to_thread(state.tasks.store.writable)
-    workers_ok = pool is None or pool.healthy
-    try:
-        depth: int | None = await state.tasks.queue.depth()
-    except BackendUnavailable:
-        depth = None
-    body: dict[str, Any] = {
-        "status": "ready" if workers_ok and writable and depth is not None else "not_ready",
-        "role": settings.role,
-        "auth": "enabled" if settings.api_keys else "disabled",
-        "workers": {
-            "alive": pool.alive if pool is not None else 0,
-            "configured": settings.max_workers if pool is not None else 0,
-        },
-        "storage_writable": writable,
-        "queue_depth": depth,
-    }
     # Probes and load balancers call without a key; what the model is, where it came from, why it
     # failed to load and where the engine server is are for the service's users only.
-    if _holds_a_key(settings, credentials):
-        body["model"] = await _model_state(state.models)
+    body = await readiness.report(with_model=_holds_a_key(settings, credentials))
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
@@ -72,20 +47,6 @@ def _holds_a_key(settings: Settings, credentials: HTTPAuthorizationCredentials |
     except Unauthorized:
         return False
     return True
-
-
-async def _model_state(models: ModelManager) -> dict[str, Any]:
-    state = models.state
-    # The vllm engine's OCR server, when it has one: reported, not required, so that results stay
-    # reachable (and tasks keep queueing) while that server restarts.
-    server = await models.server_health()
-    return {
-        "loaded": state.loaded,
-        "name": state.model,
-        "detail": state.detail,
-        "last_error": state.last_error,
-        "server": dataclasses.asdict(server) if server is not None else None,
-    }
 
 
 def _metrics_guard(settings: SettingsDep, credentials: CredentialsDep) -> None:

@@ -39,8 +39,9 @@ def result_files(record: TaskRecord) -> list[ResultFile]:
 def archive_chunks(store: TaskStore, record: TaskRecord) -> Iterator[bytes]:
     """The zip of ``full.md``, ``layout.json``, ``result.json`` and ``images/``, as it is produced.
 
-    Blocking reads: iterate in a thread (Starlette does so for a plain iterator). A file that
-    vanishes meanwhile (the task expired) raises ``ResultNotFound`` from the iteration.
+    Blocking reads: iterate in a thread (Starlette does so for a plain iterator). Every member is
+    read by ``record`` as given, which is not read again. A file that vanishes meanwhile (the task
+    expired) raises ``ResultNotFound`` from the iteration.
     """
     stream = ZipStream(compress_type=zipfile.ZIP_DEFLATED)
     for file in result_files(record):
@@ -48,7 +49,7 @@ def archive_chunks(store: TaskStore, record: TaskRecord) -> Iterator[bytes]:
             continue
         stored = file.content_type == IMAGE_TYPE
         stream.add(
-            _file_chunks(store, record.task_id, file.name),
+            _file_chunks(store, record, file.name),
             file.name,
             compress_type=zipfile.ZIP_STORED if stored else None,
         )
@@ -62,12 +63,12 @@ def open_result(store: TaskStore, record: TaskRecord, name: str) -> BinaryIO:
     """
     if name == ARCHIVE_NAME:
         return io.BufferedReader(_IteratorReader(archive_chunks(store, record)), CHUNK)
-    return store.open_result(record.task_id, name)
+    return store.open_result(record, name)
 
 
-def _file_chunks(store: TaskStore, task_id: str, name: str) -> Iterator[bytes]:
+def _file_chunks(store: TaskStore, record: TaskRecord, name: str) -> Iterator[bytes]:
     # Opened only when the zip stream reaches this member, so at most one file is open at a time.
-    with store.open_result(task_id, name) as handle:
+    with store.open_result(record, name) as handle:
         while chunk := handle.read(CHUNK):
             yield chunk
 

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Protocol
 
 from PIL import Image
 
-from app.records import TaskRecord, TaskStatus
+from app.records import TaskRecord, TaskStatus, may_see
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class RecordSummary:
     status: TaskStatus
     owner: str | None
     finished_at: datetime | None
+
+    def visible_to(self, caller: str | None) -> bool:
+        """Whether ``caller`` may see the task (the rule of ``TaskRecord.visible_to``)."""
+        return may_see(caller, self.owner)
 
 
 def summary_of(record: TaskRecord) -> RecordSummary:
@@ -107,22 +111,22 @@ class TaskStore(Protocol):
 
     def write_preview(self, task_id: str, number: int, image: Image.Image) -> None: ...
 
-    def open_preview(self, task_id: str, number: int) -> BinaryIO:
+    def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
         """Page ``number``'s preview; ``ResultNotFound`` until it is rendered."""
 
     def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None: ...
 
     def write_result(self, task_id: str, name: str, data: bytes, *, lease: int = 0) -> None: ...
 
-    def clear_results(self, task_id: str) -> None:
-        """Drop the results of an earlier attempt before a new one writes its own."""
+    def clear_results(self, task_id: str, *, lease: int) -> None:
+        """Drop the results of earlier attempts before attempt ``lease`` writes its own."""
 
-    # --- downloads ---
+    # --- downloads: readers take the record the caller holds, and never read it again ---
 
-    def open_result(self, task_id: str, name: str) -> BinaryIO:
-        """``full.md``, ``layout.json``, ``result.json`` or ``images/<name>`` of the task's final
-        attempt; ``ResultNotFound`` for anything else."""
+    def open_result(self, record: TaskRecord, name: str) -> BinaryIO:
+        """``full.md``, ``layout.json``, ``result.json`` or ``images/<name>`` of the attempt that
+        ``record`` ended with; ``ResultNotFound`` for anything else."""
 
-    def result_url(self, task_id: str, name: str) -> str | None:
+    def result_url(self, record: TaskRecord, name: str) -> str | None:
         """A URL the client may fetch the file from directly (a presigned GET), or ``None`` to
         stream it through the service."""

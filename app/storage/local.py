@@ -214,12 +214,12 @@ class LocalStore:
         pages_dir.mkdir(exist_ok=True)
         _atomic_write(pages_dir / f"p{number:04d}.webp", encode_preview(image))
 
-    def open_preview(self, task_id: str, number: int) -> BinaryIO:
+    def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
         """An open stream of page ``number``'s preview; ``ResultNotFound`` until it is rendered."""
         try:
-            return (self._dir(task_id) / "pages" / f"p{number:04d}.webp").open("rb")
+            return (self._dir(record.task_id) / "pages" / f"p{number:04d}.webp").open("rb")
         except FileNotFoundError as exc:
-            raise ResultNotFound(f"task {task_id} has no rendered page {number} (yet)") from exc
+            raise ResultNotFound(f"task {record.task_id} has no rendered page {number} (yet)") from exc
 
     def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None:
         if not IMAGE_NAME.match(name):
@@ -235,8 +235,9 @@ class LocalStore:
             raise StorageError(f"unknown result file {name!r}")
         _atomic_write(self._dir(task_id) / name, data)
 
-    def clear_results(self, task_id: str) -> None:
-        """Drop results of an earlier attempt (raw/ is kept: it is what a resumed task reuses)."""
+    def clear_results(self, task_id: str, *, lease: int) -> None:
+        """Drop results of an earlier attempt (raw/ is kept: it is what a resumed task reuses).
+        One process writes here, so there is one set of results whatever the lease."""
         task_dir = self._dir(task_id)
         shutil.rmtree(task_dir / "images", ignore_errors=True)
         for name in RESULT_FILES:
@@ -244,8 +245,9 @@ class LocalStore:
 
     # --- downloads ---
 
-    def open_result(self, task_id: str, name: str) -> BinaryIO:
+    def open_result(self, record: TaskRecord, name: str) -> BinaryIO:
         """An open stream of ``full.md``, ``layout.json``, ``result.json`` or ``images/<name>``."""
+        task_id = record.task_id
         task_dir = self._dir(task_id)
         if name in RESULT_FILES:
             path = task_dir / name
@@ -258,7 +260,7 @@ class LocalStore:
         except FileNotFoundError as exc:
             raise ResultNotFound(f"task {task_id} has no result named {name!r}") from exc
 
-    def result_url(self, task_id: str, name: str) -> str | None:
+    def result_url(self, record: TaskRecord, name: str) -> str | None:
         return None  # files on this disk are streamed by the service
 
 

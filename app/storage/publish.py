@@ -21,12 +21,12 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from app.config import Settings
-from app.errors import PublishFailed
+from app.errors import BackendUnavailable, BucketRefused, PublishFailed, StorageError
 from app.records import DeliveryStatus, PublishState, TaskRecord
 from app.storage.archive import ResultFile, open_result, result_files
 from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
-from app.storage.s3 import BucketConfig, S3Bucket, UploadError, s3_bucket_config
+from app.storage.s3 import BucketConfig, S3Bucket, s3_bucket_config
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class BucketPublisher:
 
         try:
             links = await asyncio.to_thread(presign_all)
-        except UploadError as exc:
+        except (StorageError, BackendUnavailable) as exc:
             raise PublishFailed(f"the results were uploaded but {exc.message}") from exc
         return _published(self.backend, links, expires_at)
 
@@ -134,8 +134,8 @@ class BucketPublisher:
             try:
                 await asyncio.to_thread(self._upload_once, record, file, key)
                 return
-            except UploadError as exc:
-                if not exc.retriable or attempt == self._max_attempts:
+            except (StorageError, BackendUnavailable) as exc:
+                if not _retriable(exc) or attempt == self._max_attempts:
                     raise PublishFailed(
                         f"uploading {file.name} to {self.backend} bucket {self.bucket.name} failed "
                         f"after {attempt} attempt{'s' if attempt > 1 else ''}: {exc.message}"
@@ -157,6 +157,12 @@ class BucketPublisher:
 
     def close(self) -> None:
         self.bucket.close()
+
+
+def _retriable(exc: StorageError | BackendUnavailable) -> bool:
+    """Whether another try of a failed upload may succeed: not when the bucket refused it for good
+    (a missing bucket, a denied key) or the local file could not be read (the same disk again)."""
+    return isinstance(exc, BackendUnavailable) or (isinstance(exc, BucketRefused) and exc.retriable)
 
 
 def publisher_from_settings(settings: Settings, *, store: TaskStore, signer: LinkSigner) -> Publisher:

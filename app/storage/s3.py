@@ -2,12 +2,15 @@
 
 Reaches AWS S3, MinIO, Cloudflare R2, Ceph and Alibaba OSS (through OSS's S3-compatible API).
 Signing, presigning included, is boto3's own. Blocking: callers on the event loop run these
-methods in a thread. botocore's exceptions are translated here into ``UploadError``, whose
-``retriable`` says whether trying again can help; messages never carry credentials.
+methods in a thread. ``bucket_errors`` is the one translation of botocore's exceptions into the
+error tree, for this class and for the scale-out store (``app.storage.shared``); its messages never
+carry credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
@@ -17,11 +20,14 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.config import Settings
+from app.errors import BackendUnavailable, BucketRefused, ObjectMissing, StorageError
 
 CONNECT_TIMEOUT_SECONDS = 10
 READ_TIMEOUT_SECONDS = 60
 # Statuses worth another try: throttling, timeouts and the server's own failures.
 _RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Error codes of a missing object: GetObject's NoSuchKey, and HEAD answers, which have no body.
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,27 @@ def s3_bucket_config(settings: Settings, *, max_attempts: int = 1) -> BucketConf
     )
 
 
-class UploadError(Exception):
-    """An upload or presign failed; ``retriable`` when a later try may succeed."""
-
-    def __init__(self, message: str, *, retriable: bool) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retriable = retriable
+@contextlib.contextmanager
+def bucket_errors(what: str) -> Iterator[None]:
+    """botocore's exceptions inside the block as the service's, ``what`` (e.g. "reading <key>")
+    saying what was asked: an answer that the object is missing is ``ObjectMissing``; any other
+    error answer ``BucketRefused``, retriable for throttling, timeouts and the bucket's own failures;
+    no answer at all (cannot connect, timed out, dropped, no credentials to sign with: botocore's
+    ``BotoCoreError``) ``BackendUnavailable``. Anything else passes through unchanged."""
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _MISSING:
+            raise ObjectMissing(f"no such object in the bucket ({what})") from exc
+        detail = f"{code or 'error'} ({status}): {error.get('Message', '')}".rstrip(": ")
+        raise BucketRefused(
+            f"the bucket refused {what}: {detail}", retriable=status in _RETRIABLE_STATUS
+        ) from exc
+    except BotoCoreError as exc:  # after botocore's own retries, where the config allows any
+        raise BackendUnavailable(f"{what} failed before the bucket answered: {exc}") from exc
 
 
 class S3Bucket:
@@ -96,31 +116,26 @@ class S3Bucket:
         return self._client
 
     def upload(self, key: str, body: BinaryIO, content_type: str) -> None:
-        """Upload ``body`` (read to its end, seekable or not) to ``key``; raises ``UploadError``."""
+        """Upload ``body`` (read to its end, seekable or not) to ``key``.
+
+        Raises as ``bucket_errors`` translates, and ``StorageError`` when reading ``body`` fails
+        (another try would read the same disk).
+        """
         try:
-            self._client.upload_fileobj(
-                body, self.name, key, ExtraArgs={"ContentType": content_type}, Config=self._transfer
-            )
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            raise UploadError(
-                f"{error.get('Code', 'error')} ({status}): {error.get('Message', '')}".rstrip(": "),
-                retriable=status in _RETRIABLE_STATUS,
-            ) from exc
-        except BotoCoreError as exc:  # cannot connect, timed out, connection dropped
-            raise UploadError(str(exc), retriable=True) from exc
-        except OSError as exc:  # reading the local file failed: another try reads the same disk
-            raise UploadError(f"reading the file to upload failed: {exc}", retriable=False) from exc
+            with bucket_errors(f"uploading {key}"):
+                self._client.upload_fileobj(
+                    body, self.name, key, ExtraArgs={"ContentType": content_type}, Config=self._transfer
+                )
+        except OSError as exc:
+            raise StorageError(f"reading the file to upload to {key} failed: {exc}") from exc
 
     def presign(self, key: str, expires_seconds: int) -> str:
-        """A GET URL for ``key`` that works without credentials for ``expires_seconds``."""
-        try:
+        """A GET URL for ``key`` that works without credentials for ``expires_seconds``; signed
+        here, without asking the bucket. Raises as ``bucket_errors`` translates (no credentials)."""
+        with bucket_errors(f"signing a link to {key}"):
             return self._client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.name, "Key": key}, ExpiresIn=expires_seconds
             )
-        except BotoCoreError as exc:  # e.g. no credentials found in boto3's chain
-            raise UploadError(f"cannot sign a link: {exc}", retriable=False) from exc
 
     def close(self) -> None:
         self._client.close()

@@ -10,7 +10,8 @@ Any API replica serves any task and any worker runs it. Object keys, under ``APP
 
 Results live under their writer's lease, and downloads read the lease on the record: a worker
 that stalled past the visibility timeout and wakes up after another finished the task writes into
-its own ``out/<old lease>/``, which nothing reads, and its record writes are refused. Raw pages are
+its own ``out/<old lease>/``, which nothing reads, and its record writes are refused; the next
+attempt deletes what earlier ones left there (``clear_results``). Raw pages are
 shared across attempts on purpose (a resumed task skips pages already recognised); a stale writer
 can only put there the output of the same page.
 
@@ -31,18 +32,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 
-from app.errors import BackendUnavailable, ResultNotFound, StorageError
+from app.errors import BackendUnavailable, BucketRefused, ObjectMissing, ResultNotFound, StorageError
 from app.records import TASK_ID_PATTERN, TaskRecord
 from app.result_files import IMAGE_NAME, PREVIEW_CONTENT_TYPE, RESULT_FILES
 from app.storage.base import RecordSummary
 from app.storage.local import encode_preview
 from app.storage.redis_records import RedisRecords
-from app.storage.s3 import S3Bucket
+from app.storage.s3 import S3Bucket, bucket_errors
 
-_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _SPOOLED = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -85,24 +84,29 @@ class SharedStore:
     # --- objects ---
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
-        with _s3_errors(f"writing {key}"):
+        with bucket_errors(f"writing {key}"):
             self._s3.put_object(Bucket=self._bucket.name, Key=key, Body=data, ContentType=content_type)
 
     def _get(self, key: str) -> BinaryIO | None:
         """An open stream of ``key``; ``None`` when there is no such object."""
         try:
-            with _s3_errors(f"reading {key}"):
+            with bucket_errors(f"reading {key}"):
                 return self._s3.get_object(Bucket=self._bucket.name, Key=key)["Body"]
-        except _Missing:
+        except ObjectMissing:
             return None
 
-    def _delete_prefix(self, prefix: str) -> None:
-        with _s3_errors(f"deleting {prefix}"):
+    def _delete_prefix(self, prefix: str, *, keep: str | None = None) -> None:
+        """Delete every object under ``prefix``, except those under ``keep``."""
+        with bucket_errors(f"deleting {prefix}"):
             pages = self._s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self._bucket.name, Prefix=prefix
             )
             for page in pages:
-                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                keys = [
+                    {"Key": item["Key"]}
+                    for item in page.get("Contents", [])
+                    if keep is None or not item["Key"].startswith(keep)
+                ]
                 if keys:  # at most 1000 a page, as many as one delete_objects takes
                     self._s3.delete_objects(Bucket=self._bucket.name, Delete={"Objects": keys, "Quiet": True})
 
@@ -120,8 +124,9 @@ class SharedStore:
         if not self._records.ping():
             return False
         try:
-            self._s3.head_bucket(Bucket=self._bucket.name)
-        except (BotoCoreError, ClientError):
+            with bucket_errors(f"checking bucket {self._bucket.name}"):
+                self._s3.head_bucket(Bucket=self._bucket.name)
+        except (BucketRefused, BackendUnavailable):
             return False
         return True
 
@@ -129,13 +134,11 @@ class SharedStore:
 
     def create(self, record: TaskRecord, spooled_input: Path) -> None:
         key = self._key(record.task_id, "input", record.input_name)
-        with _s3_errors(f"uploading the input of task {record.task_id}"):
-            self._s3.upload_file(
-                str(spooled_input),
-                self._bucket.name,
-                key,
-                ExtraArgs={"ContentType": "application/octet-stream"},
-            )
+        try:
+            with spooled_input.open("rb") as body:
+                self._bucket.upload(key, body, "application/octet-stream")
+        except OSError as exc:  # opening the spooled file (S3Bucket.upload translates reading it)
+            raise StorageError(f"cannot store task {record.task_id}: {exc.strerror}") from exc
         self._records.create(record)
 
     def save(self, record: TaskRecord, *, expect_lease: int | None = None) -> None:
@@ -181,9 +184,9 @@ class SharedStore:
         os.close(fd)
         try:
             try:
-                with _s3_errors(f"downloading the input of task {record.task_id}"):
+                with bucket_errors(f"downloading the input of task {record.task_id}"):
                     self._s3.download_file(self._bucket.name, key, name)
-            except _Missing:
+            except ObjectMissing:
                 raise StorageError(f"the input of task {record.task_id} is missing") from None
             yield Path(name)
         finally:
@@ -208,10 +211,10 @@ class SharedStore:
         key = self._key(task_id, "pages", f"p{number:04d}.webp")
         self._put(key, encode_preview(image), PREVIEW_CONTENT_TYPE)
 
-    def open_preview(self, task_id: str, number: int) -> BinaryIO:
-        body = self._get(self._key(task_id, "pages", f"p{number:04d}.webp"))
+    def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
+        body = self._get(self._key(record.task_id, "pages", f"p{number:04d}.webp"))
         if body is None:
-            raise ResultNotFound(f"task {task_id} has no rendered page {number} (yet)")
+            raise ResultNotFound(f"task {record.task_id} has no rendered page {number} (yet)")
         return body
 
     def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None:
@@ -226,46 +229,28 @@ class SharedStore:
             raise StorageError(f"unknown result file {name!r}")
         self._put(self._result_key(task_id, name, lease), data, RESULT_FILES[name])
 
-    def clear_results(self, task_id: str) -> None:
-        """Nothing to clear: each attempt writes under its own lease."""
+    def clear_results(self, task_id: str, *, lease: int) -> None:
+        """Drop what earlier attempts left under their own leases: a worker that wrote its results
+        and then let go of the task (Redis went away, or another worker took it, before its record
+        was saved) leaves an ``out/<old lease>/`` that nothing reads. Attempt ``lease`` has
+        written nothing yet; a stale writer still running is refused at its record write."""
+        self._delete_prefix(self._key(task_id, "out") + "/", keep=self._key(task_id, "out", str(lease)) + "/")
 
     # --- downloads ---
 
-    def open_result(self, task_id: str, name: str) -> BinaryIO:
-        key = self._result_key(task_id, name, self._records.load(task_id).lease)
-        body = self._get(key)
+    def open_result(self, record: TaskRecord, name: str) -> BinaryIO:
+        """The file as the attempt holding ``record.lease`` wrote it: the record is the caller's,
+        not read again (a download reads the record once)."""
+        body = self._get(self._result_key(record.task_id, name, record.lease))
         if body is None:
-            raise ResultNotFound(f"task {task_id} has no result named {name!r}")
+            raise ResultNotFound(f"task {record.task_id} has no result named {name!r}")
         return body
 
-    def result_url(self, task_id: str, name: str) -> str | None:
+    def result_url(self, record: TaskRecord, name: str) -> str | None:
         if not self._redirect_seconds:
             return None
-        key = self._result_key(task_id, name, self._records.load(task_id).lease)
-        with _s3_errors(f"signing a link to {key}"):
-            return self._s3.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": self._bucket.name, "Key": key},
-                ExpiresIn=self._redirect_seconds,
-            )
+        key = self._result_key(record.task_id, name, record.lease)
+        return self._bucket.presign(key, self._redirect_seconds)
 
     def close(self) -> None:
         self._bucket.close()
-
-
-class _Missing(Exception):
-    """The object does not exist (turned into ``None`` or ``ResultNotFound`` by the caller)."""
-
-
-@contextlib.contextmanager
-def _s3_errors(what: str) -> Iterator[None]:
-    """botocore's errors as this service's: a missing object, an unreachable store, or a refusal."""
-    try:
-        yield
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING:
-            raise _Missing from exc
-        raise StorageError(f"the bucket refused {what}: {code or exc}") from exc
-    except BotoCoreError as exc:  # cannot connect, timed out, connection dropped (after retries)
-        raise BackendUnavailable(f"the bucket is unreachable while {what}: {exc}") from exc

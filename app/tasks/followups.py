@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from app.errors import DsocrError, InvalidOptions, PublishFailed, RecordChanged, TaskNotFinished
+from app.errors import DsocrError, InvalidOptions, PublishFailed, RecordChanged
 from app.metrics import Metrics
 from app.records import (
     DeliveryStatus,
@@ -29,10 +29,10 @@ from app.records import (
     TaskStatus,
     WebhookState,
 )
-from app.schemas import TaskView
 from app.storage.base import TaskStore
 from app.storage.publish import Publisher
 from app.storage.webhooks import Attempt, WebhookSender, check_callback_url
+from app.views import TaskView
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class FollowUps:
         (recorded on the task as well).
         """
         record = await asyncio.to_thread(self._store.load, task_id)
-        if record.status is not TaskStatus.SUCCEEDED:
-            raise TaskNotFinished(f"task {task_id} is {record.status.value}; only a succeeded task publishes")
+        record.require_succeeded()
         state = await self._publish_once(task_id)
         if state.status is DeliveryStatus.FAILED:
             raise PublishFailed(state.error.message if state.error else "the publish failed")

@@ -1,58 +1,46 @@
-"""The task service: accepting, reading, listing, following, canceling and expiring tasks, and
-recovery at start-up.
+"""The task service, the routers' facade: accepting, reading, listing, following, canceling and
+expiring tasks, and recovery at start-up (downloads go through ``downloads.Downloads``, new tasks
+arrive through ``intake.Intake``).
 
-Routers call this and nothing else. Processing lives in ``worker.py``; both share the store and
-the queue, and every change of a record that followers hear about goes through ``update``.
-Blocking store calls run in threads.
+Processing lives in ``worker.py``; both are given the ``TaskLedger``, through which every change
+of a record that followers hear about goes, and every change of status is one of the record's
+lifecycle methods. Blocking store calls run in threads.
 
-Ownership: a record carries the hash of the API key that created it (``owner``); a caller sees a
-task when it has no owner, when the caller has none (auth off), or when both are the same. A task
-a caller may not see is reported exactly as a missing one (``TaskNotFound``, 404).
-"""
+Ownership: who may see a task is ``TaskRecord.visible_to``; a task a caller may not see is reported
+exactly as a missing one (``TaskNotFound``, 404)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import BinaryIO
 
 from app.errors import (
     BackendUnavailable,
     InvalidOptions,
     LeaseLost,
     QueueFull,
-    ResultNotFound,
-    TaskAlreadyFinished,
-    TaskNotFinished,
     TaskNotFound,
 )
-from app.metrics import Metrics
 from app.pipeline.render_pool import RenderPool
 from app.pipeline.sources import ReceivedFile
 from app.records import (
     MAX_STRIKES,
     Progress,
-    QueueEstimate,
     SourceInfo,
     TaskOptions,
     TaskRecord,
     TaskStatus,
 )
-from app.schemas import TaskList, TaskView
-from app.storage.base import TaskStore
-from app.tasks.estimates import QueueBoard
-from app.tasks.events import EventHub, EventKind, TaskEvent
-from app.tasks.followups import FollowUps
+from app.tasks.events import EventKind, TaskEvent
 from app.tasks.idempotency import IdempotencyKeys, fingerprint
-from app.tasks.queue import TaskQueue
+from app.tasks.ledger import TaskLedger
+from app.views import TaskList, TaskView
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +67,16 @@ class Created:
 
 
 class TaskService:
-    def __init__(
-        self,
-        *,
-        store: TaskStore,
-        queue: TaskQueue,
-        metrics: Metrics,
-        limits: Limits,
-        events: EventHub,
-        renders: RenderPool,
-        followups: FollowUps | None = None,
-    ) -> None:
-        self.store = store
-        self._renders = renders  # opens and counts uploads, away from the event loop
-        self.queue = queue
-        self.metrics = metrics
+    def __init__(self, *, ledger: TaskLedger, limits: Limits, renders: RenderPool) -> None:
+        self._ledger = ledger
+        self.store = ledger.store
+        self.queue = ledger.queue
+        self.events = ledger.events
+        self.metrics = ledger.metrics
+        self.followups = ledger.followups
         self.limits = limits
-        self.events = events
-        self.followups = followups  # publish and webhook after a task ends; None: neither exists
-        self._keys = IdempotencyKeys(store)
-        self._board = QueueBoard(workers=limits.workers)
-        self._running_cancel: set[str] = set()  # cancel requests for tasks a worker holds
-        # Serialises status changes (cancel vs. a worker starting the task) so neither overwrites the other.
-        self.status_lock = asyncio.Lock()
-        self._seconds_per_task = 30.0  # moving average, seeds Retry-After before the first task ends
+        self._renders = renders  # opens and counts uploads, away from the event loop
+        self._keys = IdempotencyKeys(ledger.store)
 
     # --- submit ---
 
@@ -110,9 +84,6 @@ class TaskService:
         """Refuse before reading a body when the queue is already full."""
         if await self.queue.full():
             raise await self._queue_full()
-
-    def spool_path(self) -> Path:
-        return self.store.spool_path()
 
     async def create_from_upload(
         self, received: ReceivedFile, options: TaskOptions, *, owner: str | None, idempotency_key: str | None
@@ -223,13 +194,12 @@ class TaskService:
                 await reservation.release()
                 raise
             await reservation.commit(record.task_id)
-            if not self.queue.durable:  # with a shared queue, starts and ends happen in other processes
-                self._board.queued(record.task_id, len(numbers))
+            self._ledger.queued(record)
         except BaseException:
             received.path.unlink(missing_ok=True)
             raise
         self.metrics.tasks_submitted.inc()
-        await self.sample_queue()
+        await self._ledger.sample_queue()
         log.info("task %s queued: %s, %d pages", record.task_id, received.filename, len(numbers))
         return record
 
@@ -240,13 +210,10 @@ class TaskService:
 
     async def _queue_full(self) -> QueueFull:
         depth = await self.queue.depth()
-        wait = math.ceil(self._seconds_per_task * max(depth, 1) / self.limits.workers)
+        wait = math.ceil(self._ledger.seconds_per_task * max(depth, 1) / self.limits.workers)
         return QueueFull(
             f"the queue is full ({depth} tasks waiting); retry later", retry_after=min(max(wait, 1), 600)
         )
-
-    def observe_task_seconds(self, seconds: float) -> None:
-        self._seconds_per_task = 0.8 * self._seconds_per_task + 0.2 * seconds
 
     # --- read ---
 
@@ -256,25 +223,13 @@ class TaskService:
         ``owner`` is the caller's key hash; ``None`` (auth off, or the service itself) sees all.
         """
         record = await asyncio.to_thread(self.store.load, task_id)
-        if not _visible(record.owner, owner):
+        if not record.visible_to(owner):
             raise TaskNotFound(f"no task {task_id!r}")
         return record
 
     async def view(self, record: TaskRecord) -> TaskView:
-        """The task view of ``record``, with its queue position and estimates while it is queued.
-
-        With a shared queue the position comes from the queue itself and there are no estimates:
-        the board that makes them sees the tasks of this process only, while starts and ends
-        happen in the workers.
-        """
-        estimate = None
-        if record.status is TaskStatus.QUEUED:
-            if self.queue.durable:
-                position = await self.queue.position(record.task_id)
-                estimate = QueueEstimate(position, None, None) if position is not None else None
-            else:
-                estimate = self._board.estimate(record.task_id, datetime.now(UTC))
-        return TaskView.from_record(record, estimate)
+        """The task view of ``record``, with its queue position and estimates while it is queued."""
+        return await self._ledger.view(record)
 
     async def list_tasks(
         self, *, owner: str | None, status: TaskStatus | None, limit: int, cursor: str | None
@@ -287,7 +242,7 @@ class TaskService:
             (
                 (_micros(s.created_at), s.task_id)
                 for s in summaries
-                if _visible(s.owner, owner) and (status is None or s.status is status)
+                if s.visible_to(owner) and (status is None or s.status is status)
             ),
             reverse=True,
         )
@@ -304,37 +259,6 @@ class TaskService:
             with contextlib.suppress(TaskNotFound):  # expired since it was listed
                 records.append(self.store.load(task_id))
         return records
-
-    async def open_result(self, task_id: str, name: str, owner: str | None = None) -> BinaryIO:
-        """An open stream of a result file of a succeeded task; 409 while it is not finished."""
-        await self._succeeded(task_id, owner)
-        return await asyncio.to_thread(self.store.open_result, task_id, name)
-
-    async def download(
-        self, task_id: str, name: str, owner: str | None = None, *, redirect: bool = True
-    ) -> BinaryIO | str:
-        """A result file of a succeeded task for a download: the URL the client may fetch it from
-        itself (a presigned bucket URL, when the store hands them out and ``redirect``), else an open
-        stream of it. Raises as ``open_result`` does."""
-        await self._succeeded(task_id, owner)
-        if redirect:
-            url = await asyncio.to_thread(self.store.result_url, task_id, name)
-            if url is not None:
-                return url
-        return await asyncio.to_thread(self.store.open_result, task_id, name)
-
-    async def _succeeded(self, task_id: str, owner: str | None) -> None:
-        record = await self.get(task_id, owner)
-        if record.status is not TaskStatus.SUCCEEDED:
-            raise TaskNotFinished(f"task {task_id} is {record.status.value}; results exist once it succeeded")
-
-    async def open_preview(self, task_id: str, number: int, owner: str | None = None) -> BinaryIO:
-        """An open stream of the preview of page ``number``, from the moment it is rendered, whatever
-        the task's status; ``ResultNotFound`` before that or for a page the task does not have."""
-        record = await self.get(task_id, owner)
-        if number not in record.page_numbers:
-            raise ResultNotFound(f"task {task_id} has no page {number}; its pages are {record.page_numbers}")
-        return await asyncio.to_thread(self.store.open_preview, task_id, number)
 
     # --- follow ---
 
@@ -392,43 +316,6 @@ class TaskService:
             async for event in events:
                 yield event
 
-    # --- changes, told to followers ---
-
-    async def update(
-        self, record: TaskRecord, kind: EventKind, data: str | None = None, *, expect_lease: int | None = None
-    ) -> None:
-        """Save a changed record, then publish ``kind`` about it (``data``: the task view unless given).
-
-        The event's id is stored on the record before it is written (see ``app.tasks.events``). The
-        write is shielded from cancellation: a final or interrupted state must reach the disk even
-        when shutdown cancels the caller. A shared store refuses it with ``LeaseLost`` when the
-        stored lease is not ``expect_lease`` (default: the record's own), and nothing is published.
-        """
-        record.last_event_id += 1
-        if kind is EventKind.END or record.status is TaskStatus.QUEUED:
-            self._board.left(record.task_id)  # ended, or sent back by a shutdown: no longer queued here
-        elif record.status is TaskStatus.RUNNING and kind is EventKind.STATUS:
-            self._board.started(record.task_id)
-        if data is None:
-            data = (await self.view(record)).model_dump_json(by_alias=True)
-        await asyncio.shield(asyncio.to_thread(self.store.save, record, expect_lease=expect_lease))
-        await self.events.publish(record.task_id, TaskEvent(record.last_event_id, kind, data))
-
-    async def page_done(self, record: TaskRecord, *, number: int, index: int, seconds: float) -> None:
-        """Save a running task's progress after a page and publish a ``page`` event.
-
-        ``seconds`` is the page's share of its engine call (0 when read back from an earlier try).
-        """
-        self._board.page_done(record.task_id, record.progress.pages_done, seconds)
-        data = {
-            "page": number,
-            "index": index,
-            "pages_done": record.progress.pages_done,
-            "pages_total": record.progress.pages_total,
-            "seconds": round(seconds, 3),
-        }
-        await self.update(record, EventKind.PAGE, json.dumps(data))
-
     # --- cancel ---
 
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskRecord:
@@ -437,43 +324,23 @@ class TaskService:
         A running task's record is written by its worker alone, which sees the request between
         pages and records the cancel itself.
         """
-        async with self.status_lock:
+        async with self._ledger.status_lock:
             for _ in range(_CANCEL_TRIES):
                 record = await self.get(task_id, owner)
-                if record.status.is_final:
-                    raise TaskAlreadyFinished(f"task {task_id} already {record.status.value}")
-                record.cancel_requested = True
-                if record.status is TaskStatus.RUNNING:
-                    self._running_cancel.add(task_id)  # a worker of this process sees it at once
+                if not record.cancel():
+                    self._ledger.request_cancel(task_id)  # a worker of this process sees it at once
                     await asyncio.to_thread(self.store.request_cancel, task_id)  # any other, shortly
                     return record
-                record.status = TaskStatus.CANCELED
-                record.finished_at = datetime.now(UTC)
-                record.waiting_reason = None
-                followup = self.followups is not None and self.followups.plan(record)
                 try:
-                    await self.update(record, EventKind.END)
+                    await self._ledger.ended(record)
                 except LeaseLost:
                     continue  # a worker took the task since it was read: it is running now
                 break
             else:
                 raise LeaseLost(f"task {task_id} changed hands {_CANCEL_TRIES} times during the cancel")
             await self.queue.discard(task_id)
-        if followup and self.followups is not None:
-            self.followups.launch(task_id)
-        self.metrics.tasks_finished.labels(TaskStatus.CANCELED.value).inc()
-        await self.sample_queue()
+        await self._ledger.sample_queue()
         return record
-
-    def cancel_requested(self, task_id: str) -> bool:
-        return task_id in self._running_cancel
-
-    def request_local_cancel(self, task_id: str) -> None:
-        """A cancel asked for on another process, passed on by the worker running the task."""
-        self._running_cancel.add(task_id)
-
-    def forget_cancel(self, task_id: str) -> None:
-        self._running_cancel.discard(task_id)
 
     # --- lifecycle ---
 
@@ -493,54 +360,37 @@ class TaskService:
         pending = await asyncio.to_thread(self._unfinished)
         for record in pending:
             if record.cancel_requested:
-                record.status = TaskStatus.CANCELED
-                record.finished_at = datetime.now(UTC)
+                record.finish(TaskStatus.CANCELED)
                 if self.followups is not None:
                     self.followups.plan(record)  # started with the other unfinished follow-ups
-            else:
-                if record.status is TaskStatus.RUNNING:
-                    if record.interrupted():
-                        log.warning(
-                            "task %s: the service died at its page %s, with no page done since it started "
-                            "(strike %d of %d)",
-                            record.task_id,
-                            record.stuck_page,
-                            record.strikes,
-                            MAX_STRIKES,
-                        )
-                    record.started_at = None
-                    record.waiting_reason = "interrupted by a restart; resumes from its last finished page"
-                record.status = TaskStatus.QUEUED
+            elif record.status is TaskStatus.RUNNING:
+                if record.interrupted():
+                    log.warning(
+                        "task %s: the service died at its page %s, with no page done since it started "
+                        "(strike %d of %d)",
+                        record.task_id,
+                        record.stuck_page,
+                        record.strikes,
+                        MAX_STRIKES,
+                    )
+                record.requeue("interrupted by a restart; resumes from its last finished page")
             # A status change nobody here follows yet; counted, so a client that reconnects with an
             # id from before the restart gets the state as it is now.
             record.last_event_id += 1
             await asyncio.to_thread(self.store.save, record)
             if record.status is TaskStatus.QUEUED:
                 await self.queue.requeue(record.task_id)
-                self._board.queued(record.task_id, len(record.page_numbers))
+                self._ledger.queued(record)
         resumed = sum(1 for r in pending if r.status is TaskStatus.QUEUED)
         if resumed:
             log.info("recovered %d unfinished tasks", resumed)
-        await self.sample_queue()
+        await self._ledger.sample_queue()
         return resumed
 
     def _unfinished(self) -> list[TaskRecord]:
         pending = [r for r in self.store.list_records() if not r.status.is_final]
         pending.sort(key=lambda r: r.created_at)
         return pending
-
-    async def sample_queue(self) -> None:
-        """Set the queue gauges from the queue (shared: from Redis, so every process agrees)."""
-        self.metrics.queue_depth.set(await self.queue.depth())
-        self.metrics.queue_oldest_age.set(await self.queue.oldest_age())
-
-    async def run_queue_monitor(self, every_seconds: float) -> None:
-        """Sample the queue gauges periodically; runs until cancelled. A shared queue changes
-        under other processes, so events here alone cannot keep them current."""
-        while True:
-            with contextlib.suppress(BackendUnavailable):
-                await self.sample_queue()
-            await asyncio.sleep(every_seconds)
 
     def expire(self) -> int:
         """Delete finished tasks older than the result TTL (blocking); returns how many."""
@@ -566,11 +416,6 @@ class TaskService:
             except BackendUnavailable as exc:
                 log.warning("expiring old tasks skipped: %s", exc.message)
             await asyncio.sleep(every_seconds)
-
-
-def _visible(task_owner: str | None, caller: str | None) -> bool:
-    # Auth off (no caller) sees everything; tasks from before owners existed belong to everyone.
-    return caller is None or task_owner is None or task_owner == caller
 
 
 def _micros(moment: datetime) -> int:

@@ -2,8 +2,8 @@
 
 Each worker is an asyncio task started by the app's lifespan. A failure inside a task marks that
 task failed and the worker carries on; a worker loop that dies anyway marks the service not ready.
-Every change followers hear of (start, each page, the end) is saved and published through
-``TaskService.update``, which shields the write from cancellation. On shutdown a running task stops
+Every change followers hear of (start, each page, the end) is saved and published through the
+``TaskLedger`` the pool is given, which shields the write from cancellation. On shutdown a running task stops
 at its next page boundary and goes back to ``queued``, to resume from its stored pages on the next
 start.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from app.engines.gpu import GpuGate
@@ -27,10 +27,10 @@ from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage
 from app.pipeline.run import PageJob, PagePipeline
 from app.records import MAX_STRIKES, TaskErrorInfo, TaskRecord, TaskStatus
-from app.schemas import TaskView
 from app.tasks.events import EventKind
+from app.tasks.ledger import TaskLedger
 from app.tasks.options import EngineDefaults, recognize_options
-from app.tasks.service import TaskService
+from app.views import TaskView
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,16 @@ class WorkerPool:
     def __init__(
         self,
         *,
-        service: TaskService,
+        ledger: TaskLedger,
         pipeline: PagePipeline,
         models: ModelManager,
         gate: GpuGate,
         metrics: Metrics,
         config: WorkerConfig,
     ) -> None:
-        self._service = service
-        self._store = service.store
+        self._ledger = ledger
+        self._queue = ledger.queue
+        self._store = ledger.store
         self._pipeline = pipeline
         self._models = models
         self._gate = gate
@@ -111,7 +112,7 @@ class WorkerPool:
     async def _run_loop(self) -> None:
         this = asyncio.current_task()
         assert this is not None
-        queue = self._service.queue
+        queue = self._queue
         backoff = _RECONNECT_FIRST_SECONDS
         while not self._stopping:
             try:
@@ -133,15 +134,15 @@ class WorkerPool:
             else:
                 queue.forget(task_id)
             with contextlib.suppress(BackendUnavailable):
-                await self._service.sample_queue()
+                await self._ledger.sample_queue()
 
     async def _claim(self, task_id: str) -> TaskRecord | None:
         """Take the task: mark it running under a new lease. ``None`` when it is gone, over
         (canceled while queued, or finished by a worker that died before acknowledging it), or
         taken by another worker between the read and the write."""
-        async with self._service.status_lock:
+        async with self._ledger.status_lock:
             try:
-                record = await self._service.get(task_id)
+                record = await self._ledger.load(task_id)
             except TaskNotFound:
                 return None
             if record.status.is_final:
@@ -161,15 +162,15 @@ class WorkerPool:
                     )
             record.start()
             try:
-                await self._service.update(record, EventKind.STATUS, expect_lease=record.lease - 1)
+                await self._ledger.update(record, EventKind.STATUS, expect_lease=record.lease - 1)
             except LeaseLost:
                 return None
             return record
 
     async def _wait_for_gpu(self, task_id: str) -> None:
         async def report(reason: str) -> None:
-            async with self._service.status_lock:
-                record = await self._service.get(task_id)
+            async with self._ledger.status_lock:
+                record = await self._ledger.load(task_id)
                 if record.status is TaskStatus.QUEUED:
                     record.waiting_reason = reason
                     with contextlib.suppress(LeaseLost):  # taken by another worker: its reason is moot
@@ -205,7 +206,7 @@ class WorkerPool:
     async def _keep(self, task_id: str, lease_lost: asyncio.Event) -> None:
         """While the task runs: renew its hold on the queue, and pass on a cancel asked for on
         another process. Sets ``lease_lost`` when another worker has taken the task."""
-        queue = self._service.queue
+        queue = self._queue
         if not queue.durable:
             return  # one process: the hold cannot lapse and cancels arrive directly
         every = min(self._config.visibility_seconds / 3, _CANCEL_POLL_SECONDS)
@@ -219,39 +220,39 @@ class WorkerPool:
                         lease_lost.set()
                         return
                     renewed = time.monotonic()
-                record = await self._service.get(task_id)
+                record = await self._ledger.load(task_id)
             except (BackendUnavailable, TaskNotFound):
                 continue  # the next renewal tries again; past the timeout the task is redelivered
             if record.cancel_requested:
-                self._service.request_local_cancel(task_id)
+                self._ledger.request_cancel(task_id)
 
     async def _run(self, record: TaskRecord, lease_lost: asyncio.Event) -> None:
         task_id = record.task_id
         crashed = record.crash_error()
         if crashed is not None:
             log.warning("task %s failed: %s", task_id, crashed.message)
-            await self._finish(record, TaskStatus.FAILED, crashed)
+            await self._ledger.finish(record, TaskStatus.FAILED, crashed)
             return
         self._metrics.tasks_running.inc()
         try:
             await self._execute(record, lease_lost)
         except TaskCanceled:
-            await self._finish(record, TaskStatus.CANCELED, None)
+            await self._ledger.finish(record, TaskStatus.CANCELED)
         except _ShuttingDown:
-            record.status = TaskStatus.QUEUED
-            record.started_at = None
-            record.waiting_reason = "interrupted by a shutdown; resumes from its last finished page"
-            await self._service.update(record, EventKind.STATUS)
-            if self._service.queue.durable:
-                await self._service.queue.requeue(task_id)  # to another worker now, not after a timeout
+            record.requeue("interrupted by a shutdown; resumes from its last finished page")
+            await self._ledger.update(record, EventKind.STATUS)
+            if self._queue.durable:
+                await self._queue.requeue(task_id)  # to another worker now, not after a timeout
         except (LeaseLost, BackendUnavailable):
             raise  # let go of the task: nothing more is written about it
         except DsocrError as exc:
             log.warning("task %s failed: %s", task_id, exc.message)
-            await self._finish(record, TaskStatus.FAILED, TaskErrorInfo(code=exc.code, message=exc.message))
+            await self._ledger.finish(
+                record, TaskStatus.FAILED, TaskErrorInfo(code=exc.code, message=exc.message)
+            )
         except Exception as exc:
             log.exception("task %s failed unexpectedly", task_id)
-            await self._finish(
+            await self._ledger.finish(
                 record,
                 TaskStatus.FAILED,
                 TaskErrorInfo(
@@ -260,7 +261,7 @@ class WorkerPool:
             )
         finally:
             self._metrics.tasks_running.dec()
-            self._service.forget_cancel(task_id)
+            self._ledger.forget_cancel(task_id)
 
     async def _execute(self, record: TaskRecord, lease_lost: asyncio.Event) -> None:
         task_id = record.task_id
@@ -268,18 +269,18 @@ class WorkerPool:
         def check_interrupt() -> None:
             if lease_lost.is_set():
                 raise LeaseLost(f"task {task_id}: the queue gave it to another worker")
-            if self._service.cancel_requested(task_id):
+            if self._ledger.cancel_requested(task_id):
                 raise TaskCanceled("canceled by request")
             if self._stopping:
                 raise _ShuttingDown
 
         async def on_page(page: AssembledPage, seconds: float) -> None:
             record.count_page(page.number, truncated=page.truncated)
-            await self._service.page_done(record, number=page.number, index=page.index, seconds=seconds)
+            await self._ledger.page_done(record, number=page.number, index=page.index, seconds=seconds)
 
         record.progress.pages_done = 0
         record.truncated_pages = []
-        await asyncio.to_thread(self._store.clear_results, task_id)
+        await asyncio.to_thread(functools.partial(self._store.clear_results, task_id, lease=record.lease))
         async with self._input_file(record) as input_path:
             job = PageJob(
                 task_id=task_id,
@@ -296,7 +297,9 @@ class WorkerPool:
         await asyncio.to_thread(self._pipeline.write_outputs, task_id, pages, record.lease)
         record.images = [name for page in pages for name, _ in page.crops]
         record.model = self._models.state.model
-        await self._finish(record, TaskStatus.SUCCEEDED, None, pages=pages)
+        await self._ledger.finish(
+            record, TaskStatus.SUCCEEDED, before_save=lambda final: self._write_result_json(final, pages)
+        )
 
     @contextlib.asynccontextmanager
     async def _input_file(self, record: TaskRecord) -> AsyncIterator[Path]:
@@ -308,44 +311,22 @@ class WorkerPool:
         finally:
             await asyncio.to_thread(lent.__exit__, None, None, None)
 
-    async def _finish(
-        self,
-        record: TaskRecord,
-        status: TaskStatus,
-        error: TaskErrorInfo | None,
-        pages: list[AssembledPage] | None = None,
-    ) -> None:
-        record.status = status
-        record.error = error
-        record.finished_at = datetime.now(UTC)
-        if pages is not None:
-            view = TaskView.from_record(record).model_dump(mode="json", by_alias=True)
-            view["pages"] = [
-                {
-                    "index": p.index,
-                    "page": p.number,
-                    "markdown": p.markdown,
-                    "truncated": p.truncated,
-                    "truncated_reason": p.truncated_reason,
-                    **{k: p.layout[k] for k in ("width", "height", "dpi")},
-                    "blocks": p.layout["blocks"],
-                }
-                for p in pages
-            ]
-            data = json.dumps(view, ensure_ascii=False).encode()
-            await asyncio.to_thread(
-                self._store.write_result, record.task_id, "result.json", data, lease=record.lease
-            )
-        # Publish and webhook are marked due on the final record itself, so a restart resumes them,
-        # and start only after it is saved: they run in the background and never delay this task.
-        followups = self._service.followups
-        due = followups is not None and followups.plan(record)
-        await self._service.update(record, EventKind.END)
-        self._metrics.tasks_finished.labels(status.value).inc()
-        if record.duration_seconds is not None:
-            self._metrics.task_duration.labels(status.value).observe(record.duration_seconds)
-            if status is TaskStatus.SUCCEEDED:
-                self._service.observe_task_seconds(record.duration_seconds)
-        log.info("task %s %s", record.task_id, status.value)
-        if due and followups is not None:
-            followups.launch(record.task_id)
+    async def _write_result_json(self, record: TaskRecord, pages: list[AssembledPage]) -> None:
+        """``result.json``: the view of the succeeded ``record``, with every page."""
+        view = TaskView.from_record(record).model_dump(mode="json", by_alias=True)
+        view["pages"] = [
+            {
+                "index": p.index,
+                "page": p.number,
+                "markdown": p.markdown,
+                "truncated": p.truncated,
+                "truncated_reason": p.truncated_reason,
+                **{k: p.layout[k] for k in ("width", "height", "dpi")},
+                "blocks": p.layout["blocks"],
+            }
+            for p in pages
+        ]
+        data = json.dumps(view, ensure_ascii=False).encode()
+        await asyncio.to_thread(
+            self._store.write_result, record.task_id, "result.json", data, lease=record.lease
+        )

@@ -1,0 +1,86 @@
+"""Readiness: whether this process can do its part (``GET /readyz``), and the model's state.
+
+Built once in ``create_app`` from the parts it asks: the worker pool (none on an API replica,
+``APP_ROLE=api``, whose workers run elsewhere), the store, the queue and the model manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from app.engines.manager import ModelManager
+from app.errors import BackendUnavailable
+from app.storage.base import TaskStore
+from app.tasks.queue import TaskQueue
+from app.tasks.worker import WorkerPool
+
+
+class Readiness:
+    """The readiness report: workers alive, storage writable, queue reachable.
+
+    ``role`` (``APP_ROLE``), ``auth_enabled`` (``APP_API_KEYS`` is set) and ``workers``
+    (``APP_MAX_WORKERS``) are reported as given. ``pool`` is ``None`` where this process runs no
+    workers.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: WorkerPool | None,
+        store: TaskStore,
+        queue: TaskQueue,
+        models: ModelManager,
+        role: str,
+        auth_enabled: bool,
+        workers: int,
+    ) -> None:
+        self._pool = pool
+        self._store = store
+        self._queue = queue
+        self._models = models
+        self._role = role
+        self._auth_enabled = auth_enabled
+        self._workers = workers
+
+    async def report(self, *, with_model: bool) -> dict[str, Any]:
+        """The report as JSON: ``status`` is ``"ready"`` when every worker runs, the store takes
+        writes and the queue answers, else ``"not_ready"``; then ``role``, ``auth``, ``workers``
+        (``alive``, ``configured``), ``storage_writable`` and ``queue_depth`` (``None`` when the
+        queue is unreachable). ``with_model`` adds ``model``: which model, why, its last error and
+        the engine server (details for the service's users only). Raises nothing of its own."""
+        pool = self._pool
+        writable = await asyncio.to_thread(self._store.writable)
+        workers_ok = pool is None or pool.healthy
+        try:
+            depth: int | None = await self._queue.depth()
+        except BackendUnavailable:
+            depth = None
+        body: dict[str, Any] = {
+            "status": "ready" if workers_ok and writable and depth is not None else "not_ready",
+            "role": self._role,
+            "auth": "enabled" if self._auth_enabled else "disabled",
+            "workers": {
+                "alive": pool.alive if pool is not None else 0,
+                "configured": self._workers if pool is not None else 0,
+            },
+            "storage_writable": writable,
+            "queue_depth": depth,
+        }
+        if with_model:
+            body["model"] = await self._model_state()
+        return body
+
+    async def _model_state(self) -> dict[str, Any]:
+        state = self._models.state
+        # The vllm engine's OCR server, when it has one: reported, not required, so that results stay
+        # reachable (and tasks keep queueing) while that server restarts.
+        server = await self._models.server_health()
+        return {
+            "loaded": state.loaded,
+            "name": state.model,
+            "detail": state.detail,
+            "last_error": state.last_error,
+            "server": dataclasses.asdict(server) if server is not None else None,
+        }
