@@ -87,6 +87,7 @@ def test_layout_lists_every_block_in_pixels_and_on_the_model_scale() -> None:
         "type": "title",
         "bbox": [62, 28, 513, 71],
         "bbox_norm": [62, 20, 512, 50],
+        "bbox_pt": [31.0, 14.0, 256.5, 35.5],  # pixels * 72 / 144 dpi
         "text": "Annual Report\n2023",
     }
     assert text == {
@@ -95,12 +96,15 @@ def test_layout_lists_every_block_in_pixels_and_on_the_model_scale() -> None:
         "bbox_norm": [62, 90, 937, 150],
         "boxes": [[62, 126, 938, 169], [62, 182, 481, 211]],
         "boxes_norm": [[62, 90, 937, 120], [62, 130, 480, 150]],
+        "bbox_pt": [31.0, 63.0, 469.0, 105.5],
+        "boxes_pt": [[31.0, 63.0, 469.0, 84.5], [31.0, 91.0, 240.5, 105.5]],
         "text": "Revenue grew by 12 %.",
     }
     assert image == {
         "type": "image",
         "bbox": list(FIGURE_PIXELS),
         "bbox_norm": [100, 200, 600, 500],
+        "bbox_pt": [50.0, 140.0, 300.5, 350.5],
         "image": "images/p0007_01.png",
     }
     assert table["text"].startswith("<table><tr><td>Year</td>")
@@ -111,6 +115,7 @@ def test_layout_lists_every_block_in_pixels_and_on_the_model_scale() -> None:
         "type": "footnote",
         "bbox": [0, 1331, WIDTH, HEIGHT],
         "bbox_norm": [0, 950, 999, 999],
+        "bbox_pt": [0.0, 665.5, 500.0, 700.0],
         "text": "<script>alert(1)</script>",
     }
 
@@ -154,6 +159,7 @@ def test_an_image_box_empty_in_pixels_gets_no_crop_and_no_link_but_stays_in_the_
         "type": "image",
         "bbox": [WIDTH, 140, WIDTH, 281],
         "bbox_norm": [999, 100, 1200, 200],
+        "bbox_pt": [500.0, 70.0, 500.0, 140.5],
     }
 
 
@@ -167,8 +173,14 @@ def test_blocks_without_boxes_have_a_null_bbox() -> None:
     assert page.crops == []
     assert page.markdown == "Running head\n\nA figure the model could not place."
     assert page.layout["blocks"] == [
-        {"type": "text", "bbox": None, "bbox_norm": None, "text": "Running head"},
-        {"type": "image", "bbox": None, "bbox_norm": None, "text": "A figure the model could not place."},
+        {"type": "text", "bbox": None, "bbox_norm": None, "bbox_pt": None, "text": "Running head"},
+        {
+            "type": "image",
+            "bbox": None,
+            "bbox_norm": None,
+            "bbox_pt": None,
+            "text": "A figure the model could not place.",
+        },
     ]
 
 

@@ -7,6 +7,7 @@ Markdown where ``DESIGN.md`` (section 4) says; figure links are relative (``imag
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,9 @@ def assemble_page(page: PageImage, parsed: ParsedPage, index: int) -> AssembledP
     ``p{number:04d}_{n:02d}.png``, ``n`` from 1); a box empty in pixels gives no crop and no link but
     stays in the layout. Other blocks give one layout block whose ``bbox`` is the union of their boxes
     (each box also listed under ``boxes`` when there are several). Blocks without boxes have a null
-    ``bbox``. The truncation flags are carried as given; the usable content is kept either way.
+    ``bbox``. Every block also has ``bbox_pt`` (and ``boxes_pt`` beside ``boxes``), the same box in
+    PDF points (see ``to_points``). The truncation flags are carried as given; the usable content is
+    kept either way.
     """
     size = page.image.size
     parts: list[str] = []
@@ -56,6 +59,8 @@ def assemble_page(page: PageImage, parsed: ParsedPage, index: int) -> AssembledP
         else:
             layout_blocks.append(_region_entry(block, size))
             parts.append(block_markdown(block.label, block.content))
+    for entry in layout_blocks:
+        _add_points(entry, page.dpi)
 
     width, height = size
     layout = {
@@ -139,6 +144,42 @@ def _region_entry(block: Block, size: tuple[int, int]) -> dict[str, Any]:
             entry["boxes_norm"] = [list(box) for box in block.boxes]
     entry["text"] = block.content
     return entry
+
+
+def to_points(pixels: Sequence[int], dpi: float | None) -> list[float] | None:
+    """A box in page pixels as PDF points, origin at the page's top left: ``px * 72 / dpi``.
+
+    These are the coordinates of ``page.rect`` in PyMuPDF (the page as shown: its CropBox, with any
+    /Rotate applied), which the pixmap the model saw covers from its top left corner; exact up to
+    the outward rounding of the pixel box (``72 / dpi`` points, half a point at 144 dpi). PyMuPDF's
+    ``get_text`` and drawing methods use the unrotated page: on a rotated page, multiply by
+    ``page.derotation_matrix`` first. Rounded outward to 0.01 pt.
+
+    None when ``dpi`` is None: an image's page. PyMuPDF gives an image a page size from the
+    resolution the file declares (96 dpi when it declares none), but the page image the pipeline
+    keeps may have been scaled down to the pixel limit and has lost that resolution, so no point
+    size can be stated truthfully; ``bbox`` (pixels) and ``bbox_norm`` remain.
+    """
+    if dpi is None:
+        return None
+    scale = 72 / dpi
+    x0, y0, x1, y1 = (v * scale for v in pixels)
+    # round() first so float noise (5 px at 100 dpi is 359.99999999999994 hundredths of a point)
+    # never moves a bound a step out.
+    return [
+        math.floor(round(x0 * 100, 6)) / 100,
+        math.floor(round(y0 * 100, 6)) / 100,
+        math.ceil(round(x1 * 100, 6)) / 100,
+        math.ceil(round(y1 * 100, 6)) / 100,
+    ]
+
+
+def _add_points(entry: dict[str, Any], dpi: float | None) -> None:
+    """Give a layout block ``bbox_pt`` (and ``boxes_pt`` where it has ``boxes``) from its pixels."""
+    bbox = entry["bbox"]
+    entry["bbox_pt"] = None if bbox is None else to_points(bbox, dpi)
+    if "boxes" in entry:
+        entry["boxes_pt"] = None if dpi is None else [to_points(box, dpi) for box in entry["boxes"]]
 
 
 def _box_entry(label: str, box: Box, pixels: Box) -> dict[str, Any]:
