@@ -32,7 +32,6 @@ from app.engines.manager import EngineFactory, ModelManager
 from app.metrics import Metrics
 from app.pipeline.render_pool import RenderPool
 from app.pipeline.run import PagePipeline
-from app.readiness import Readiness
 from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
 from app.storage.publish import publisher_from_settings
@@ -42,6 +41,7 @@ from app.tasks.followups import FollowUps
 from app.tasks.intake import Intake
 from app.tasks.ledger import TaskLedger
 from app.tasks.options import EngineDefaults
+from app.tasks.readiness import Readiness
 from app.tasks.service import Limits, TaskService
 from app.tasks.worker import WorkerConfig, WorkerPool
 

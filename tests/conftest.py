@@ -202,3 +202,31 @@ def s3() -> Iterator[S3Server]:
     server = S3Server()
     yield server
     server.close()
+
+
+# --- one headless Chromium for every test that needs a browser (console, result.html) ---
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright drives it, downloads nothing
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+# Module scope, not session: Playwright's sync API keeps an event loop of its own while it runs,
+# which the asyncio tests of other modules must not find.
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, launched once per test module; skips where it is not installed."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium (/usr/bin/chromium) is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

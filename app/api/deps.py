@@ -14,8 +14,8 @@ from fastapi.security.utils import get_authorization_scheme_param
 from app.api.stream_caps import HeldKind, StreamCaps
 from app.config import Settings
 from app.errors import ClientError, Unauthorized
-from app.readiness import Readiness
 from app.tasks.intake import Intake
+from app.tasks.readiness import Readiness
 from app.tasks.service import TaskService
 
 _bearer = HTTPBearer(auto_error=False, description="One of the keys in APP_API_KEYS.")

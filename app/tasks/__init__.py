@@ -4,6 +4,7 @@
 - ``ledger.TaskLedger``: every change followers hear of (save, then publish), given to the service
   and the workers; status changes themselves are the record's lifecycle methods (``app.records``)
 - ``worker.WorkerPool``: takes tasks from the queue, waits on the GPU gate, runs the page pipeline
+- ``readiness.Readiness``: what ``/readyz`` reports
 - ``intake.Intake``: uploads and URL downloads into tasks; ``downloads.Downloads``: results, the
   zip and share links; ``followups.FollowUps``: publish and webhooks after a task ends
 - ``queue`` / ``redis_queue``, ``events`` / ``redis_events``: in one process, or shared on Redis
@@ -21,6 +22,7 @@ __all__ = [
     "ledger",
     "options",
     "queue",
+    "readiness",
     "redis_events",
     "redis_queue",
     "service",
