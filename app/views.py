@@ -29,6 +29,9 @@ class TaskLinks(BaseModel):
     json_: str | None = Field(default=None, alias="json")
     layout: str | None = None
     zip: str | None = None
+    chunks: str | None = None  # chunks.json with the default limits; see the route for others
+    html: str | None = None
+    docx: str | None = None
     images: list[str] = Field(default_factory=list)
 
     model_config = {"populate_by_name": True}
@@ -80,6 +83,9 @@ class TaskView(BaseModel):
                 json=f"{base}/result.json",
                 layout=f"{base}/layout.json",
                 zip=f"{base}/result.zip",
+                chunks=f"{base}/chunks.json",
+                html=f"{base}/result.html",
+                docx=f"{base}/result.docx",
                 images=[f"{base}/images/{name}" for name in record.images],
             )
         return cls(

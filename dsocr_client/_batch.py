@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsocr_client._client import Client
+from dsocr_client._client import DEFAULT_FORMATS, Client, result_names
 from dsocr_client.errors import DsocrError, describe_error
 from dsocr_client.models import Progress, Task
 
@@ -91,16 +91,16 @@ def find_documents(patterns: Iterable[str], out_root: Path) -> list[Document]:
     return documents
 
 
-def complete_result(out_dir: Path) -> Task | None:
-    """The task a previous run downloaded completely to ``out_dir``, or ``None``.
+def complete_result(out_dir: Path, formats: Iterable[str] = DEFAULT_FORMATS) -> Task | None:
+    """The task a previous run downloaded completely to ``out_dir`` in ``formats``, or ``None``.
 
     ``download`` writes ``result.json`` last, so it vouches for the other files; they are checked
-    anyway, since people delete files by hand."""
+    anyway, since people delete files by hand (or ask for a format the earlier run did not write)."""
     try:
         task = Task.from_json(json.loads((out_dir / "result.json").read_text()))
     except (OSError, ValueError, KeyError):
         return None
-    names = ["full.md", "layout.json", *(f"images/{image}" for image in task.images)]
+    names = result_names(formats, task.images)
     if task.status != "succeeded" or not all((out_dir / name).is_file() for name in names):
         return None
     return task
@@ -124,6 +124,7 @@ class Batch:
     reporter: Reporter
     jobs: int = 2
     force: bool = False
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # what to write of each result (see Client.download)
     outcomes: list[Outcome] = field(default_factory=list)
     in_flight: dict[str, str] = field(default_factory=dict)  # document name -> task id
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -211,7 +212,7 @@ class Batch:
     def _convert(self, document: Document, outcome: Outcome) -> None:
         """Convert ``document`` and download its results, filling in ``outcome`` (``succeeded`` only
         once every file is written); raises what goes wrong, which ``_work`` records as the reason."""
-        done = None if self.force else complete_result(document.out_dir)
+        done = None if self.force else complete_result(document.out_dir, self.formats)
         if done is not None:
             outcome.status, outcome.task_id = "skipped", done.task_id
             outcome.pages, outcome.seconds = done.pages_total, done.duration_seconds
@@ -230,5 +231,5 @@ class Batch:
             outcome.error = f"{task.error.code}: {task.error.message}"
         if task.status == "succeeded":
             shutil.rmtree(document.out_dir, ignore_errors=True)  # no stale figures from an older run
-            self.client.download(task.task_id, document.out_dir)
+            self.client.download(task.task_id, document.out_dir, self.formats)
         outcome.status = task.status

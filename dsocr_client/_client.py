@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -34,7 +34,34 @@ STREAM_READ_SECONDS = 60.0  # the server pings every 15 s by default; silence th
 MAX_STREAM_FAILURES = 5  # connections in a row that end without an event before falling back to polling
 MAX_RECONNECT_PAUSE = 8.0  # s, the cap of the doubling pause between reconnections
 EVENT_KINDS = frozenset({"status", "page", "end"})  # what the server sends; other kinds are ignored
-RESULT_FILES = ("full.md", "layout.json")  # downloaded before result.json, which is written last
+# What ``download`` writes for each format it is asked for (the CLI's --format), before
+# result.json, which is written last: full.md comes with the figures it links (images/).
+FORMAT_FILES = {
+    "md": "full.md",
+    "json": "layout.json",
+    "chunks": "chunks.json",
+    "html": "result.html",
+    "docx": "result.docx",
+}
+DEFAULT_FORMATS = ("md", "json")
+
+
+def result_names(formats: Iterable[str], images: Iterable[str]) -> list[str]:
+    """The files ``download`` writes for ``formats`` (keys of ``FORMAT_FILES``) of a task whose
+    figures are ``images``, ``result.json`` excepted; ``ValueError`` for an unknown format."""
+    chosen = list(dict.fromkeys(formats))
+    unknown = [name for name in chosen if name not in FORMAT_FILES]
+    if unknown:
+        raise ValueError(f"unknown format {', '.join(unknown)}: choose from {', '.join(FORMAT_FILES)}")
+    names = [FORMAT_FILES[name] for name in FORMAT_FILES if name in chosen]
+    if "md" in chosen:
+        names.extend(f"images/{image}" for image in images)
+    return names
+
+
+def _chunk_params(max_tokens: int | None, overlap: int | None, tokenizer: str | None) -> dict[str, Any]:
+    params = {"max_tokens": max_tokens, "overlap": overlap, "tokenizer": tokenizer}
+    return {name: value for name, value in params.items() if value is not None}
 
 
 def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
@@ -316,18 +343,25 @@ class Client:
             if task.is_final:
                 return task
 
-    def download(self, task_id: str, out_dir: str | os.PathLike[str]) -> Task:
-        """Write a succeeded task's ``full.md``, ``layout.json``, ``images/`` and ``result.json`` under
-        ``out_dir`` (the server's storage layout) and return the task.
+    def download(
+        self, task_id: str, out_dir: str | os.PathLike[str], formats: Iterable[str] = DEFAULT_FORMATS
+    ) -> Task:
+        """Write a succeeded task's results in ``formats`` under ``out_dir`` (the server's storage
+        layout), then ``result.json``, and return the task. Formats (``FORMAT_FILES``): ``md``
+        (``full.md`` and the figures it links, ``images/``), ``json`` (``layout.json``), ``chunks``
+        (``chunks.json``), ``html`` (``result.html``), ``docx`` (``result.docx``).
 
         ``result.json`` is written last, each file through a temporary name, so its presence means
-        the download is complete. Raises ``Conflict`` while the task is unfinished.
+        the download is complete. Raises ``ValueError`` for an unknown format before any request,
+        ``Conflict`` while the task is unfinished.
         """
-        out = Path(out_dir)
+        out, formats = Path(out_dir), tuple(formats)
+        result_names(formats, [])  # an unknown format fails before anything is fetched
         result = self._send("GET", f"/v1/tasks/{task_id}/result.json").content
         task = Task.from_json(json.loads(result))
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        for name in [*RESULT_FILES, *(f"images/{image}" for image in task.images)]:
+        names = result_names(formats, task.images)
+        (out / "images" if "md" in formats else out).mkdir(parents=True, exist_ok=True)
+        for name in names:
             with self._http.stream("GET", _result_path(task_id, name)) as response:
                 if response.is_error:
                     response.read()
@@ -337,9 +371,28 @@ class Client:
         return task
 
     def result(self, task_id: str, name: str) -> bytes:
-        """One result file of a succeeded task: ``full.md``, ``layout.json``, ``result.json`` or
-        ``images/<name>``. Raises ``Conflict`` while unfinished, ``NotFound`` for an unknown name."""
+        """One result file of a succeeded task: ``full.md``, ``layout.json``, ``result.json``,
+        ``chunks.json``, ``result.html``, ``result.docx`` or ``images/<name>``. Raises ``Conflict``
+        while unfinished, ``NotFound`` for an unknown name."""
         return self._send("GET", _result_path(task_id, name)).content
+
+    def chunks(
+        self,
+        task_id: str,
+        *,
+        max_tokens: int | None = None,
+        overlap: int | None = None,
+        tokenizer: str | None = None,
+    ) -> dict[str, Any]:
+        """``chunks.json`` of a succeeded task: the document split for retrieval, each chunk with its
+        text, heading path, pages, boxes and token count. Unset arguments take the server's defaults
+        (512 tokens, no overlap, ``"chars"``: an estimate); ``tokenizer`` may name a Hugging Face
+        repository in the server's cache. Raises ``InvalidInput`` for limits or a tokenizer the
+        server refuses, ``Conflict`` while unfinished."""
+        params = _chunk_params(max_tokens, overlap, tokenizer)
+        response = self._send("GET", f"/v1/tasks/{task_id}/chunks.json", params=params)
+        chunk_set: dict[str, Any] = response.json()
+        return chunk_set
 
     def cancel(self, task_id: str) -> Task:
         """Cancel a queued task, or a running one at its next page; ``Conflict`` if it already ended."""
@@ -494,13 +547,18 @@ class AsyncClient:
             if task.is_final:
                 return task
 
-    async def download(self, task_id: str, out_dir: str | os.PathLike[str]) -> Task:
+    async def download(
+        self, task_id: str, out_dir: str | os.PathLike[str], formats: Iterable[str] = DEFAULT_FORMATS
+    ) -> Task:
         """As ``Client.download``; files are written in a thread, off the event loop."""
-        out = Path(out_dir)
+        out, formats = Path(out_dir), tuple(formats)
+        result_names(formats, [])
         result = (await self._send("GET", f"/v1/tasks/{task_id}/result.json")).content
         task = Task.from_json(json.loads(result))
-        await asyncio.to_thread((out / "images").mkdir, parents=True, exist_ok=True)
-        for name in [*RESULT_FILES, *(f"images/{image}" for image in task.images)]:
+        names = result_names(formats, task.images)
+        folder = out / "images" if "md" in formats else out
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        for name in names:
             response = await self._send("GET", _result_path(task_id, name))
             await asyncio.to_thread(_write_atomically, out / name, iter([response.content]))
         await asyncio.to_thread(_write_atomically, out / "result.json", iter([result]))
@@ -509,6 +567,20 @@ class AsyncClient:
     async def result(self, task_id: str, name: str) -> bytes:
         """As ``Client.result``."""
         return (await self._send("GET", _result_path(task_id, name))).content
+
+    async def chunks(
+        self,
+        task_id: str,
+        *,
+        max_tokens: int | None = None,
+        overlap: int | None = None,
+        tokenizer: str | None = None,
+    ) -> dict[str, Any]:
+        """As ``Client.chunks``."""
+        params = _chunk_params(max_tokens, overlap, tokenizer)
+        response = await self._send("GET", f"/v1/tasks/{task_id}/chunks.json", params=params)
+        chunk_set: dict[str, Any] = response.json()
+        return chunk_set
 
     async def cancel(self, task_id: str) -> Task:
         """As ``Client.cancel``."""

@@ -25,7 +25,7 @@ from rich.progress import Progress as ProgressBars
 from rich.table import Table
 
 from dsocr_client._batch import Batch, Document, Outcome, UsageError, find_documents
-from dsocr_client._client import Client
+from dsocr_client._client import DEFAULT_FORMATS, FORMAT_FILES, Client, result_names
 from dsocr_client.errors import DsocrError
 from dsocr_client.models import Progress
 
@@ -146,10 +146,25 @@ def convert(
     detach: Annotated[
         bool, typer.Option(help="On Ctrl-C, leave the tasks in flight running on the server.")
     ] = False,
+    formats: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="What to write, comma-separated: md (full.md and images/), json (layout.json), chunks "
+            "(chunks.json), html (result.html), docx (result.docx). result.json is always written.",
+        ),
+    ] = ",".join(DEFAULT_FORMATS),
 ) -> None:
     """Convert documents; results in OUTPUT/<name>/ in the server's layout. A re-run skips documents
     whose results are complete. Exit 0 when all succeeded, 1 when some failed, 2 on a usage error;
     Ctrl-C cancels the server tasks in flight (unless --detach) and exits 130."""
+    chosen = tuple(name.strip() for name in formats.split(",") if name.strip())
+    try:
+        result_names(chosen, [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--format") from exc
+    if not chosen:
+        raise typer.BadParameter(f"name at least one of {', '.join(FORMAT_FILES)}", param_hint="--format")
     try:
         documents = find_documents(paths, output)
     except UsageError as exc:
@@ -158,7 +173,7 @@ def convert(
     options = {"mode": mode.value if mode else None, "pages": pages, "dpi": dpi}
     with Client(url, api_key) as client:
         reporter = BarReporter(err, len(documents)) if err.is_terminal else LogReporter(err)
-        batch = Batch(client, documents, options, reporter, jobs=jobs, force=force)
+        batch = Batch(client, documents, options, reporter, jobs=jobs, force=force, formats=chosen)
         interrupted = False
         try:
             if isinstance(reporter, BarReporter):

@@ -1,8 +1,9 @@
 """``dsocr mcp``: a Model Context Protocol server whose tools convert documents with a dsocr server.
 
 Tools: ``convert_document`` (a path or URL in, Markdown out, with progress notifications while it
-waits), ``get_layout`` and ``get_figure``. Every failure reaches the agent as a tool error whose
-message says what to do (start the server, set the key, send a PDF or image), never a traceback.
+waits), ``get_layout``, ``get_chunks`` (the document split for retrieval) and ``get_figure``. Every
+failure reaches the agent as a tool error whose message says what to do (start the server, set the
+key, send a PDF or image), never a traceback.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def build_server(base_url: str | None = None, api_key: str | None = None) -> MCP
     server = MCPServer(
         "dsocr",
         instructions="OCR for PDFs and images: convert_document returns Markdown; figures it links as "
-        "images/<name> are fetched with get_figure, block boxes with get_layout.",
+        "images/<name> are fetched with get_figure, block boxes with get_layout, and chunks for a "
+        "retrieval index (text, headings, pages, boxes) with get_chunks.",
     )
 
     def client() -> AsyncClient:
@@ -103,6 +105,23 @@ def build_server(base_url: str | None = None, api_key: str | None = None) -> MCP
             except DsocrError as exc:
                 raise _tool_error(exc, dsocr.base_url) from exc
         return layout
+
+    @server.tool()
+    async def get_chunks(
+        task_id: str, max_tokens: int = 512, overlap: int = 0, tokenizer: str = "chars"
+    ) -> dict[str, Any]:
+        """A converted document split along its structure for retrieval: each chunk's Markdown text,
+        the headings above it, its pages, the boxes of the blocks it came from (pixels, 0-999 and
+        PDF points) and its token count. Tables, equations and figures stay whole; text is split past
+        max_tokens. tokenizer: "chars" (an estimate) or a Hugging Face tokenizer the server has."""
+        async with client() as dsocr:
+            try:
+                chunks = await dsocr.chunks(
+                    task_id, max_tokens=max_tokens, overlap=overlap, tokenizer=tokenizer
+                )
+            except DsocrError as exc:
+                raise _tool_error(exc, dsocr.base_url) from exc
+        return chunks
 
     @server.tool()
     async def get_figure(task_id: str, name: str) -> Image:

@@ -10,11 +10,16 @@ cd "$(dirname "$0")/.."
 #   service (tests/test_monitoring_e2e.py).
 # - chromium: tests/test_console.py drives the web console in it through Playwright.
 # - redis-server: the scale-out tests run the shared queue, records and events on it.
+# - libreoffice-writer-nogui, libreoffice-math-nogui: tests/test_formats_docx.py opens the DOCX export
+#   in LibreOffice (headless), equations included, to prove Word-compatible files.
 # - python3-venv: Debian ships the venv module apart from python3.
 missing=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v soffice >/dev/null || missing+=(libreoffice-writer-nogui)
+dpkg -s libreoffice-math-nogui >/dev/null 2>&1 || dpkg -s libreoffice-math >/dev/null 2>&1 \
+  || missing+=(libreoffice-math-nogui)
 python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   as_root=""

@@ -128,7 +128,8 @@ class FakeOpenAI:
     extras). Each ``POST /v1/chat/completions`` is recorded in ``requests`` (body, ``None`` when it
     is not JSON, and headers) and answered by the next queued ``replies`` entry, or else by
     ``chat_reply``: ``respond(body)`` here. ``statuses`` holds the status of every chat answer, in
-    order; ``max_in_flight`` is the most chat requests it held at once.
+    order; ``max_in_flight`` is the most chat requests it held at once. It listens on ``port`` (0:
+    a free one).
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class FakeOpenAI:
         models: tuple[str, ...] = ("deepseek-ai/DeepSeek-OCR",),
         owned_by: str = "vllm",
         respond: Callable[[dict[str, Any]], Reply] | None = None,
+        port: int = 0,
     ) -> None:
         self.models = models
         self.owned_by = owned_by
@@ -147,7 +149,7 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         # A short poll interval: close() waits up to one interval for the serving loop to notice.
@@ -297,6 +299,35 @@ PLAIN_PAGE = (
 )
 
 
+_PARAGRAPH = (
+    "The committee reviewed the figures for each region and found that demand for maintenance "
+    "contracts grew faster than demand for new installations, as customers kept older equipment "
+    "in service for longer. Margins held steady because parts costs fell in the second half."
+)
+# A full report page as DeepSeek-OCR grounds it: a title, five paragraphs, a figure with its
+# caption and a table, boxes in 0-999 page coordinates (about 2,100 characters, 420 tokens).
+FULL_GROUNDED_PAGE = (
+    "<|ref|>title<|/ref|><|det|>[[100, 40, 620, 72]]<|/det|>\n# Annual Report on Regional Services\n\n"
+    + "".join(
+        f"<|ref|>text<|/ref|><|det|>[[100, {90 + 80 * n}, 900, {150 + 80 * n}]]<|/det|>\n{_PARAGRAPH}\n\n"
+        for n in range(5)
+    )
+    + "<|ref|>image<|/ref|><|det|>[[150, 500, 850, 760]]<|/det|>\n\n"
+    "<|ref|>image_caption<|/ref|><|det|>[[150, 765, 850, 790]]<|/det|>\n"
+    "Figure 3: Contracts signed per quarter, by region.\n\n"
+    "<|ref|>table<|/ref|><|det|>[[100, 800, 900, 950]]<|/det|>\n"
+    "<table><tr><td>Region</td><td>2023</td><td>2024</td><td>Change</td></tr>"
+    "<tr><td>North</td><td>1.9</td><td>2.1</td><td>+10%</td></tr>"
+    "<tr><td>South</td><td>2.3</td><td>2.1</td><td>-9%</td></tr>"
+    "<tr><td>East</td><td>1.2</td><td>1.4</td><td>+17%</td></tr></table>"
+)
+
+
+def full_page_answer(prompt: str) -> str:
+    """``deepseek_ocr_answer`` for a fuller page (``FULL_GROUNDED_PAGE``): what benchmarks send."""
+    return FULL_GROUNDED_PAGE if "<|grounding|>" in prompt else PLAIN_PAGE
+
+
 def deepseek_ocr_answer(prompt: str) -> str:
     """What DeepSeek-OCR says of a report page: grounded blocks for a ``<|grounding|>`` prompt
     (a title, a paragraph, a table, boxes in 0-999 page coordinates), plain text otherwise."""
@@ -362,8 +393,8 @@ class VllmStandIn(FakeOpenAI):
         max_tiles: int = 6,
         api_key: str | None = None,
         answer: Callable[[str], str] = deepseek_ocr_answer,
+        port: int = 0,
     ) -> None:
-        super().__init__(models=(served_model_name,), owned_by="vllm")
         self.max_model_len = max_model_len
         self.max_tiles = max_tiles
         self.api_key = api_key
@@ -373,6 +404,8 @@ class VllmStandIn(FakeOpenAI):
 
         self._tokenizer = build_tiny_tokenizer()
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
+        # Last: the server answers from here on, so everything it reads must exist.
+        super().__init__(models=(served_model_name,), owned_by="vllm", port=port)
 
     def models_reply(self, headers: dict[str, str]) -> Reply:
         if (refused := self._unauthorized(headers)) is not None:

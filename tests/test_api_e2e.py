@@ -341,3 +341,23 @@ def test_bombs_are_refused_or_rendered_within_the_pixel_limit(make_server):
     page = server.client.get(done["links"]["layout"]).json()["pages"][0]
     assert page["width"] * page["height"] <= 4_000_000
     assert page["dpi"] < 144
+
+
+def test_a_status_read_is_the_task_view_the_upload_answered(make_server):
+    # The 202 is FastAPI's own serialisation of TaskView; a status read (served pre-serialised,
+    # polled the most) must be the same document: the same keys, by their aliases, as JSON.
+    server = make_server(answers=[PAGE_1])
+    client = server.client
+    created = upload(client, make_pdf(1, picture_page=None)).json()
+
+    read = client.get(f"/v1/tasks/{created['task_id']}")
+    assert read.status_code == 200
+    assert read.headers["content-type"] == "application/json"
+    assert read.json().keys() == created.keys()
+    assert read.json()["task_id"] == created["task_id"]
+
+    ended = client.get(f"/v1/tasks/{created['task_id']}", params={"wait": 60})
+    assert ended.status_code == 200
+    assert ended.json().keys() == created.keys()
+    assert ended.json()["status"] == "succeeded"
+    assert ended.json()["progress"] == {"pages_done": 1, "pages_total": 1}

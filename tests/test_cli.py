@@ -137,11 +137,44 @@ def test_a_document_whose_results_cannot_be_written_fails_and_the_rest_go_on(mak
     assert "os_error" in table.stdout
 
 
+def test_the_formats_asked_for_are_written_and_a_rerun_skips_them(make_server, tmp_path):
+    server = make_server(answers=[PAGE_1])
+    (tmp_path / "a.pdf").write_bytes(make_pdf(1, picture_page=None))
+    args = ("convert", "a.pdf", "-o", "out", "--format", "chunks,html,docx,md,json", "--json")
+
+    first = dsocr(*args, url=server.url, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out" / "a"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chunks.json",
+        "full.md",
+        "images",
+        "layout.json",
+        "result.docx",
+        "result.html",
+        "result.json",
+    ]
+    chunks = json.loads((out / "chunks.json").read_text())["chunks"]
+    assert "\n\n".join(chunk["text"] for chunk in chunks) + "\n" == (out / "full.md").read_text()
+    assert "Page 1 heading</h1>" in (out / "result.html").read_text()
+    assert (out / "result.docx").read_bytes().startswith(b"PK")  # a zip, as every DOCX is
+
+    again = dsocr(*args, url=server.url, cwd=tmp_path)
+    assert json.loads(again.stdout)["skipped"] == 1
+    only_docx = dsocr("convert", "a.pdf", "-o", "docx-only", "--format", "docx", url=server.url, cwd=tmp_path)
+    assert only_docx.returncode == 0, only_docx.stderr
+    written = sorted(p.name for p in (tmp_path / "docx-only" / "a").iterdir())
+    assert written == ["result.docx", "result.json"]
+
+
 def test_usage_errors_exit_2_and_every_help_is_complete(tmp_path):
     missing = dsocr("convert", "nothing-here/*.pdf", url="http://127.0.0.1:9", cwd=tmp_path)
     assert missing.returncode == 2
     assert "no documents found" in missing.stderr
     assert dsocr("convert", "--jobs", "0", ".", url="http://127.0.0.1:9", cwd=tmp_path).returncode == 2
+    bad_format = dsocr("convert", "--format", "md,pdf", ".", url="http://127.0.0.1:9", cwd=tmp_path)
+    assert bad_format.returncode == 2
+    assert "unknown format pdf" in bad_format.stderr
     for command in ("convert", "serve", "worker", "status", "cancel", "mcp"):
         shown = dsocr(command, "--help", url="http://127.0.0.1:9", cwd=tmp_path)
         assert shown.returncode == 0

@@ -77,6 +77,21 @@ def test_submit_wait_download_list_and_get(make_server, pdf, tmp_path):
         assert [t.task_id for t in client.list(status="succeeded")] == [task.task_id]
         assert client.result(task.task_id, "images/p0003_01.png").startswith(b"\x89PNG")
 
+        # The exports: chunks with the limits asked for, and the other formats as files.
+        chunk_set = client.chunks(task.task_id, max_tokens=64, overlap=8)
+        assert (chunk_set["max_tokens"], chunk_set["overlap"], chunk_set["tokenizer"]) == (64, 8, "chars")
+        assert all(
+            chunk["tokens"] <= 64 for chunk in chunk_set["chunks"] if chunk["blocks"][0]["type"] == "text"
+        )
+        with pytest.raises(InvalidInput, match="not in this server's Hugging Face cache"):
+            client.chunks(task.task_id, tokenizer="org/missing")
+        with pytest.raises(ValueError, match="unknown format pdf"):
+            client.download(task.task_id, tmp_path / "never", formats=["pdf"])
+        assert not (tmp_path / "never").exists()
+        client.download(task.task_id, tmp_path / "exports", formats=["html", "docx", "chunks"])
+        written = sorted(p.name for p in (tmp_path / "exports").iterdir())
+        assert written == ["chunks.json", "result.docx", "result.html", "result.json"]
+
 
 def test_api_errors_become_typed_exceptions(make_server, tmp_path):
     server = make_server(answers=[PAGE_1])

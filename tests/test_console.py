@@ -16,11 +16,11 @@ import httpx
 import pymupdf
 import pytest
 
+from tests.conftest import CHROMIUM
 from tests.documents import PICTURE_RECT, make_pdf, norm_box, png_bytes
 from tests.test_api_e2e import finished, upload
 from tests.test_shared_backends import shared_settings
 
-CHROMIUM = Path("/usr/bin/chromium")
 # The README's screenshot: written when missing or with UPDATE_SCREENSHOTS=1, so that a plain test
 # run leaves the working tree as it found it (the picture shows times that change on every run).
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console.png"
@@ -120,28 +120,6 @@ ENDLESS = "<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\nWords without
 
 # The browser logs every 4xx a fetch() gets, the expected 401 of a wrong key included.
 REFUSED_KEY_LOG = "status of 401"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium (/usr/bin/chromium) is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield chromium
-        chromium.close()
 
 
 class Console:
@@ -309,6 +287,16 @@ def test_console_signs_in_converts_and_shows_a_document(make_server, console, tm
     with page.expect_download() as download:
         page.click(".downloads button:has-text('result.md')")
     assert "# Reading pages at scale" in Path(download.value.path()).read_text(encoding="utf-8")
+    # The exports, saved as files (never opened on the console's origin).
+    for label, suffix, starts in (
+        ("chunks.json", ".chunks.json", b'{"version":1'),
+        ("result.html", ".html", b"<!DOCTYPE html>"),
+        ("result.docx", ".docx", b"PK"),
+    ):
+        with page.expect_download() as download:
+            page.click(f".downloads button:has-text('{label}')")
+        assert download.value.suggested_filename == f"paper{suffix}"
+        assert Path(download.value.path()).read_bytes().startswith(starts), label
 
     page.set_viewport_size({"width": 375, "height": 800})
     page.wait_for_function("() => document.documentElement.clientWidth === 375")

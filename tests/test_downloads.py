@@ -45,7 +45,15 @@ def test_zip_is_streamed_with_every_result(make_server):
 
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         assert archive.testzip() is None
-        assert archive.namelist() == ["full.md", "layout.json", "result.json", "images/p0002_01.png"]
+        assert archive.namelist() == [
+            "full.md",
+            "layout.json",
+            "result.json",
+            "chunks.json",  # the exports, built as the zip streams (tests/test_formats_e2e.py)
+            "result.html",
+            "result.docx",
+            "images/p0002_01.png",
+        ]
         assert archive.read("full.md") == client.get(f"/v1/tasks/{task_id}/result.md").content
         assert archive.read("layout.json") == client.get(f"/v1/tasks/{task_id}/layout.json").content
         assert archive.read("result.json") == client.get(f"/v1/tasks/{task_id}/result.json").content

@@ -41,7 +41,7 @@ async def test_convert_document_returns_markdown_with_progress_then_layout_and_f
     async with stdio_client(params(server.url)) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         tools = {tool.name for tool in (await session.list_tools()).tools}
-        assert tools == {"convert_document", "get_layout", "get_figure"}
+        assert tools == {"convert_document", "get_layout", "get_chunks", "get_figure"}
 
         result = await session.call_tool(
             "convert_document", {"path_or_url": str(pdf)}, progress_callback=on_progress
@@ -55,6 +55,15 @@ async def test_convert_document_returns_markdown_with_progress_then_layout_and_f
 
         layout = await session.call_tool("get_layout", {"task_id": task_id})
         assert len(json.loads(text(layout))["pages"]) == 3
+        chunked = await session.call_tool("get_chunks", {"task_id": task_id, "max_tokens": 64})
+        assert not chunked.is_error
+        chunks = json.loads(text(chunked))["chunks"]
+        assert "\n\n".join(chunk["text"] for chunk in chunks) + "\n" == markdown.split("\n", 1)[1]
+        assert sorted({page for chunk in chunks for page in chunk["pages"]}) == [1, 2, 3]
+        assert [figure["name"] for chunk in chunks for figure in chunk["figures"]] == ["p0003_01.png"]
+        refused = await session.call_tool("get_chunks", {"task_id": task_id, "tokenizer": "org/missing"})
+        assert refused.is_error
+        assert "not in this server's Hugging Face cache" in text(refused)
         figure = await session.call_tool("get_figure", {"task_id": task_id, "name": "p0003_01.png"})
         image = figure.content[0]
         assert isinstance(image, ImageContent)

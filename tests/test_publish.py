@@ -28,6 +28,7 @@ from app.records import TaskRecord, TaskStatus
 from app.storage.links import LinkSigner
 from app.storage.local import LocalStore
 from app.storage.publish import BucketPublisher, LinkPublisher, publisher_from_settings
+from app.tasks.downloads import Exports
 from app.tasks.followups import FollowUps
 from tests.documents import PICTURE_RECT, make_pdf, norm_box
 from tests.s3_server import KEY_ID, SECRET, MotoS3
@@ -95,7 +96,8 @@ def test_auto_publish_uploads_every_result_with_links_that_work(make_server, mak
     assert publish["status"] == "succeeded", publish
     assert publish["backend"] == "s3"
     assert publish["error"] is None
-    names = ["full.md", "layout.json", "result.json", "result.zip", "images/p0001_01.png"]
+    exports = ["chunks.json", "result.html", "result.docx"]
+    names = ["full.md", "layout.json", "result.json", *exports, "result.zip", "images/p0001_01.png"]
     assert sorted(publish["links"]) == sorted(names)
 
     listed = moto.client.list_objects_v2(Bucket=bucket)["Contents"]
@@ -104,6 +106,9 @@ def test_auto_publish_uploads_every_result_with_links_that_work(make_server, mak
         "full.md": "text/markdown; charset=utf-8",
         "layout.json": "application/json",
         "result.json": "application/json",
+        "chunks.json": "application/json",
+        "result.html": "text/html; charset=utf-8",
+        "result.docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
         "result.zip": "application/zip",
         "images/p0001_01.png": "image/png",
     }
@@ -117,9 +122,14 @@ def test_auto_publish_uploads_every_result_with_links_that_work(make_server, mak
             fetched = anonymous.get(publish["links"][name])
             assert fetched.status_code == 200, (name, fetched.text)
             assert fetched.headers["content-type"] == content_type
-            if name != "result.zip":
+            # Built again for each read: a DOCX's zip carries its build time, and chunks.json in
+            # the bucket links its figures beside it (images/...), the route's to the image route.
+            if name not in ("result.zip", "result.docx", "chunks.json"):
                 own = server.client.get(f"/v1/tasks/{task_id}/{_route(name)}")
                 assert fetched.content == own.content, name
+        own_chunks = server.client.get(f"/v1/tasks/{task_id}/chunks.json").json()["chunks"]
+        published_chunks = anonymous.get(publish["links"]["chunks.json"]).json()["chunks"]
+        assert [c["text"] for c in published_chunks] == [c["text"] for c in own_chunks]
         archive = zipfile.ZipFile(io.BytesIO(anonymous.get(publish["links"]["result.zip"]).content))
         assert sorted(archive.namelist()) == sorted(n for n in names if n != "result.zip")
     link = urlsplit(publish["links"]["full.md"])
@@ -271,12 +281,15 @@ def test_oss_backend_signs_as_alibaba_documents(tmp_path):
 def test_local_backend_publishes_share_links_under_the_base_url(tmp_path):
     record = a_record(status=TaskStatus.SUCCEEDED, images=["p0001_01.png"])
     publisher = LinkPublisher(LinkSigner(b"k"), expire_seconds=60, base_url="https://ocr.example.org/")
-    state = asyncio.run(publisher.publish(record))
+    state = asyncio.run(publisher.publish(record, Exports(LocalStore(tmp_path))))
     assert state.status == "succeeded"
     assert sorted(state.links) == [
+        "chunks.json",
         "full.md",
         "images/p0001_01.png",
         "layout.json",
+        "result.docx",
+        "result.html",
         "result.json",
         "result.zip",
     ]

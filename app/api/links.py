@@ -11,8 +11,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
-from app.api.results import DownloadsDep, stream_file
-from app.result_files import ARCHIVE_NAME
+from app.api.results import DownloadsDep, file_headers, stream_file
+from app.result_files import ROUTE_NAMES
 from app.schemas import ErrorBody
 from app.storage.links import SHARE_PREFIX
 
@@ -33,7 +33,5 @@ async def read_shared_file(
 ) -> StreamingResponse:
     """Download the one result file a share link grants; no API key needed."""
     handle, content_type = await downloads.open_shared(task_id, file, expires, signature)
-    headers = {}
-    if file == ARCHIVE_NAME:
-        headers["Content-Disposition"] = f'attachment; filename="{task_id}.zip"'
+    headers = file_headers(task_id, ROUTE_NAMES.get(file, file))
     return StreamingResponse(stream_file(handle), media_type=content_type, headers=headers)

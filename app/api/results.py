@@ -1,5 +1,6 @@
 """Routes of a task's results under ``/v1/tasks/{id}``: result.md, result.json, layout.json, images,
-page previews, the zip, share links and publishing.
+the exports (chunks.json, result.html, result.docx), page previews, the zip, share links and
+publishing.
 
 Ownership, one rule for every download: ``VisibleTask`` reads the task's record once, for a caller
 who may see it (404 as for a missing task otherwise), and every handler hands that record on.
@@ -14,8 +15,18 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.api.deps import ApiKeyDep, CallerDep, TasksDep
+from app.formats import CHARS
+from app.formats.chunks import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP
+from app.formats.html import CONTENT_SECURITY_POLICY
 from app.records import PublishState, TaskRecord
-from app.result_files import ARCHIVE_TYPE, IMAGE_TYPE, PREVIEW_CONTENT_TYPE, RESULT_FILES
+from app.result_files import (
+    ARCHIVE_NAME,
+    ARCHIVE_TYPE,
+    EXPORT_FILES,
+    IMAGE_TYPE,
+    PREVIEW_CONTENT_TYPE,
+    RESULT_FILES,
+)
 from app.schemas import ErrorBody, LinkCreate, LinkView
 from app.storage.archive import CHUNK
 from app.tasks.downloads import Downloads
@@ -55,6 +66,41 @@ Redirect = Annotated[
         "of a 307 to the bucket (for browsers whose page may not fetch from the bucket's origin).",
     ),
 ]
+
+MaxTokens = Annotated[
+    int,
+    Query(
+        ge=1,
+        le=1_000_000,
+        description="The most tokens a chunk holds (a table, equation or figure is never split, even "
+        "when it is larger).",
+    ),
+]
+Overlap = Annotated[
+    int,
+    Query(ge=0, le=1_000_000, description="Tokens a chunk repeats of the text before it; below max_tokens."),
+]
+TokenizerName = Annotated[
+    str,
+    Query(
+        max_length=200,
+        description=f'"{CHARS}" (an estimate: 4 characters a token) or the Hugging Face repository id '
+        "of a tokenizer in the server's cache (nothing is downloaded).",
+    ),
+]
+
+
+def file_headers(task_id: str, name: str) -> dict[str, str]:
+    """Headers that go with result file ``name`` however it is fetched (its route or a share link):
+    a file name for the zip and the DOCX, and for the HTML page its own policy, with ``sandbox``
+    added: opened from this origin it gets a unique origin of its own, so even a sanitiser bug
+    could not reach the API or the console's key from it."""
+    if name == "result.html":
+        return {"Content-Security-Policy": f"{CONTENT_SECURITY_POLICY}; sandbox"}
+    if name in (ARCHIVE_NAME, "result.docx"):
+        suffix = name.rsplit(".", 1)[1]
+        return {"Content-Disposition": f'attachment; filename="{task_id}.{suffix}"'}
+    return {}
 
 
 def stream_file(handle: BinaryIO) -> Iterator[bytes]:
@@ -113,6 +159,44 @@ async def read_image(
     return await result_response(downloads, record, f"images/{name}", redirect=redirect)
 
 
+@router.get(
+    "/{task_id}/chunks.json",
+    responses={200: {"content": {EXPORT_FILES["chunks.json"]: {}}}, **_ERRORS},
+)
+async def read_chunks(
+    record: VisibleTask,
+    downloads: DownloadsDep,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    overlap: Overlap = DEFAULT_OVERLAP,
+    tokenizer: TokenizerName = CHARS,
+) -> StreamingResponse:
+    """The document split along its structure for retrieval, each chunk citing its pages and boxes."""
+    chunks = await downloads.chunks(record, max_tokens=max_tokens, overlap=overlap, tokenizer=tokenizer)
+    return StreamingResponse(chunks, media_type=EXPORT_FILES["chunks.json"])
+
+
+@router.get(
+    "/{task_id}/result.html",
+    responses={200: {"content": {EXPORT_FILES["result.html"]: {}}}, **_ERRORS},
+)
+async def read_html(record: VisibleTask, downloads: DownloadsDep) -> StreamingResponse:
+    """The document as one self-contained HTML page: figures inlined, math as MathML, no script."""
+    page = await downloads.html(record)
+    headers = file_headers(record.task_id, "result.html")
+    return StreamingResponse(page, media_type=EXPORT_FILES["result.html"], headers=headers)
+
+
+@router.get(
+    "/{task_id}/result.docx",
+    responses={200: {"content": {EXPORT_FILES["result.docx"]: {}}}, **_ERRORS},
+)
+async def read_docx(record: VisibleTask, downloads: DownloadsDep) -> StreamingResponse:
+    """The document as a Word file: headings, paragraphs, tables, figures, equations as Office Math."""
+    handle = await downloads.docx(record)
+    headers = file_headers(record.task_id, "result.docx")
+    return StreamingResponse(stream_file(handle), media_type=EXPORT_FILES["result.docx"], headers=headers)
+
+
 @router.get("/{task_id}/pages/{number}", responses={200: {"content": {PREVIEW_CONTENT_TYPE: {}}}, **_ERRORS})
 async def read_page_preview(
     record: VisibleTask,
@@ -129,10 +213,12 @@ async def read_page_preview(
 
 @router.get("/{task_id}/result.zip", responses={200: {"content": {ARCHIVE_TYPE: {}}}, **_ERRORS})
 async def read_archive(record: VisibleTask, downloads: DownloadsDep) -> StreamingResponse:
-    """Download full.md, layout.json, result.json and images/ as one zip, streamed as it is built."""
+    """Download full.md, layout.json, result.json, the exports and images/ as one zip, streamed as it
+    is built."""
     chunks = downloads.archive(record)
-    headers = {"Content-Disposition": f'attachment; filename="{record.task_id}.zip"'}
-    return StreamingResponse(chunks, media_type=ARCHIVE_TYPE, headers=headers)
+    return StreamingResponse(
+        chunks, media_type=ARCHIVE_TYPE, headers=file_headers(record.task_id, ARCHIVE_NAME)
+    )
 
 
 @router.post(

@@ -169,12 +169,19 @@ async def read_task(
 ) -> TaskView | Response:
     """Read a task's status, progress and links; with ``wait``, once it ends (or the wait is over)."""
     if not wait:
-        return await tasks.view(await tasks.get(task_id, caller))
+        return _view_json(await tasks.view(await tasks.get(task_id, caller)))
     with caps.hold(caller, HeldKind.WAIT):
         record = await unless_disconnected(request.receive, tasks.wait(task_id, owner=caller, seconds=wait))
     if record is None:  # the client left: nobody reads the answer
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return await tasks.view(record)
+    return _view_json(await tasks.view(record))
+
+
+def _view_json(view: TaskView) -> Response:
+    """``view`` as the JSON FastAPI would send for ``response_model=TaskView``, without its second
+    validation of a model that is already one: status polls are the most frequent request, and
+    while a task runs they share the process (and its GIL) with the model."""
+    return Response(view.model_dump_json(by_alias=True), media_type="application/json")
 
 
 @router.delete("/{task_id}", response_model=TaskView, responses=_ERRORS)

@@ -8,6 +8,7 @@ memory ceiling. In the same process MuPDF would also hold the GIL for as long as
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -23,7 +24,7 @@ from types import TracebackType
 from typing import Self, cast
 
 import pymupdf
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageChops
 
 from app.documents import DocumentKind, out_of_range, select_pages
 from app.errors import InvalidDocument, InvalidOptions, RenderMemoryExceeded, TooManyPages
@@ -36,6 +37,31 @@ class PageImage:
     number: int  # 1-based page number in the source document
     image: Image.Image  # RGB
     dpi: float | None  # render resolution for PDFs (after any pixel-limit scaling); None for images
+    png: bytes | None = None  # ``encode_lossless(image)`` when a render process made it
+
+
+def encode_lossless(image: Image.Image) -> bytes:
+    """The page as a PNG with exactly its pixels: what the engine is sent and previews are made from.
+
+    A page whose pixels are all grey (most text pages) is stored as one channel: every reader
+    (vLLM, Pillow) makes it RGB again with the same values, and it costs half the time and bytes.
+    zlib level 1: measured on 20 pages of a manual at 144 dpi (1224x1584), level 1 took 33 ms and
+    249 KiB a page, level 3 40 ms and 242 KiB, level 6 53 ms and 263 KiB, lossless WebP (method 0)
+    58 ms and 374 KiB; a grey page at level 1 15 ms and 129 KiB.
+    """
+    out = io.BytesIO()
+    _one_channel_if_grey(image).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _one_channel_if_grey(image: Image.Image) -> Image.Image:
+    """``image`` as mode L when that loses nothing (R = G = B everywhere), else as it is (1.5 ms)."""
+    if image.mode != "RGB":
+        return image
+    red, green, blue = image.split()
+    if ImageChops.difference(red, green).getbbox() or ImageChops.difference(green, blue).getbbox():
+        return image
+    return red
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ subverted by a crafted document must not be able to run code in the service by w
 
 Requests: ``{"op": "inspect", "path", "kind", "spec", "max_pages", "max_pixels"}`` answers
 ``{"ok": true, "page_count", "numbers"}``; ``{"op": "render", "path", "kind", "number", "dpi",
-"max_pixels"}`` answers ``{"ok": true, "width", "height", "dpi", "size"}``, ``size`` bytes of
-pixels being in the shared file. A refusal answers ``{"ok": false, "error": <class name in
+"max_pixels"}`` answers ``{"ok": true, "width", "height", "dpi", "size", "png"}``: ``size`` bytes of
+pixels are in the shared file, then ``png`` bytes of the page as ``encode_lossless`` makes it (the
+image the engine is sent and previews are made from: encoding it here, in parallel with the
+service, is most of a page's cost). A refusal answers ``{"ok": false, "error": <class name in
 app.errors>, "message"}``.
 """
 
@@ -37,7 +39,7 @@ import pymupdf
 
 from app.documents import DocumentKind
 from app.errors import DsocrError, InvalidDocument, RenderMemoryExceeded
-from app.pipeline.pages import Document, inspect_document, open_document
+from app.pipeline.pages import Document, encode_lossless, inspect_document, open_document
 
 LENGTH = struct.Struct(">I")  # the length of each frame's JSON
 MAX_HEADER_BYTES = 1 << 20  # a JSON frame longer than this is a broken peer, not a message
@@ -65,13 +67,20 @@ class _Pages:
         document = self._open(request["path"], request["kind"])
         page = document.render(request["number"], dpi=request["dpi"], max_pixels=request["max_pixels"])
         pixels = page.image.tobytes()
+        png = encode_lossless(page.image)
         # Truncating first gives back the pages of a larger page before it.
-        os.ftruncate(self._pixels, len(pixels))
-        view = memoryview(pixels)
-        while view:
-            view = view[os.pwrite(self._pixels, view, len(pixels) - len(view)) :]
+        os.ftruncate(self._pixels, len(pixels) + len(png))
+        _write_at(self._pixels, pixels, 0)
+        _write_at(self._pixels, png, len(pixels))
         width, height = page.image.size
-        return {"ok": True, "width": width, "height": height, "dpi": page.dpi, "size": len(pixels)}
+        return {
+            "ok": True,
+            "width": width,
+            "height": height,
+            "dpi": page.dpi,
+            "size": len(pixels),
+            "png": len(png),
+        }
 
     def _open(self, path: str, kind: str) -> Document:
         stat = os.stat(path)
@@ -86,6 +95,12 @@ class _Pages:
         if self._document is not None:
             self._document.close()
         self._document, self._key = None, None
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
 
 
 def main(argv: list[str]) -> None:

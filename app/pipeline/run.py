@@ -1,14 +1,17 @@
 """One task's pages end to end: render, recognise, parse, assemble, store.
 
-The event loop only awaits here: pages render in the ``RenderPool``'s processes (one at a time,
-each under its deadline; a cancel or a shutdown seen while a page renders kills that render),
-assembly and file writes run in threads, inference goes through the ``ModelManager``. Pages are
+The event loop only awaits here: pages render in the ``RenderPool``'s processes, as many at once as
+it has and ahead of recognition, each under its deadline (a cancel or a shutdown seen while pages
+render kills those renders); each render process also encodes its page as the lossless PNG the
+engine is sent and the preview is made from, so the service's own process only stores it.
+Assembly and file writes run in threads, inference goes through the ``ModelManager``. Pages are
 recognised in *calls* shaped by the engine (``ModelManager.limits``): batches one at a time for
 the ``hf`` engine, single pages many at once for the ``vllm`` engine. Calls run as asyncio tasks
 while the next pages render, so rendering overlaps recognition; at most ``2 * calls_in_flight``
 calls are held (running, or done and waiting for an earlier page), which bounds the rendered pages
 kept in memory. Results are assembled strictly in page order, so progress moves page by page and
-``full.md`` is in order whatever order the server answers in.
+``full.md`` is in order whatever order the server answers in. An assembled page goes to disk
+(``AssembledPages``) once stored, so memory does not grow with the document.
 
 A page's raw output is stored as soon as it exists, even ahead of earlier pages, so a task resumed
 after a restart re-renders its pages but recognises only those without a raw file.
@@ -17,20 +20,23 @@ after a restart re-renders its pages but recognises only those without a raw fil
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from app.documents import DocumentKind
 from app.engines.base import PageText, RecognizeOptions
 from app.engines.manager import DispatchLimits, ModelManager
+from app.engines.vllm import LOSSLESS_PNG, LosslessPng
 from app.errors import DsocrError, PageFailed
 from app.metrics import Metrics
-from app.pipeline.assemble import AssembledPage, assemble_page, merge_markdown
+from app.pipeline.assemble import AssembledPage, assemble_page
 from app.pipeline.grounding import parse_page
+from app.pipeline.outputs import AssembledPages
 from app.pipeline.pages import PageImage
 from app.pipeline.render_pool import RenderPool
 from app.storage.base import TaskStore
@@ -41,6 +47,7 @@ OnPage = Callable[[AssembledPage, float], Awaitable[None]]
 Recognized = list[tuple[PageText, float]]
 """Each page of a call with its text and its seconds (0 for a page read back from raw/)."""
 
+_FAILURE_GRACE_SECONDS = 1.0  # how long a failure waits for the calls sent before it
 _INTERRUPT_POLL_SECONDS = 0.1  # how often a page's render looks for a cancel or a shutdown
 # A pipeline built without a pool (tools, benchmarks) renders trusted documents: it starts one
 # process per run, with limits that only a broken file reaches.
@@ -90,14 +97,15 @@ class PagePipeline:
 
     async def run(
         self, job: PageJob, *, on_page: OnPage, check_interrupt: Callable[[], None]
-    ) -> list[AssembledPage]:
-        """Process every page and return them assembled, in order.
+    ) -> AssembledPages:
+        """Process every page and return them assembled, in order, spooled to disk (the caller
+        closes what it gets).
 
         ``check_interrupt`` is called before each page is rendered, while it renders and before
-        each page is assembled; what it raises (cancel, shutdown) stops the task, and the render
+        each page is assembled; what it raises (cancel, shutdown) stops the task, and the renders
         and the calls still running are cancelled. A failed call fails the task as soon as it
         fails, with its page(s) named, as does a page that cannot be rendered. Figures are stored
-        as each page is assembled.
+        as each page is assembled; nothing of a page stays in memory once it is stored.
         """
         if self._renders is not None:
             return await self._run(job, self._renders, on_page, check_interrupt)
@@ -108,11 +116,27 @@ class PagePipeline:
 
     async def _run(
         self, job: PageJob, renders: RenderPool, on_page: OnPage, check_interrupt: Callable[[], None]
-    ) -> list[AssembledPage]:
-        done: list[AssembledPage] = []
+    ) -> AssembledPages:
+        done = AssembledPages()
+        try:
+            await self._run_pages(job, renders, done, on_page, check_interrupt)
+        except BaseException:
+            done.close()
+            raise
+        return done
+
+    async def _run_pages(
+        self,
+        job: PageJob,
+        renders: RenderPool,
+        done: AssembledPages,
+        on_page: OnPage,
+        check_interrupt: Callable[[], None],
+    ) -> None:
         held: deque[_Call] = deque()  # in page order
         batch: list[PageImage] = []  # rendered, not yet sent
         limits: DispatchLimits | None = None
+        ahead = _RenderAhead(renders, job, check_interrupt)
 
         async def send(room_for: DispatchLimits) -> None:
             await self._make_room(job, held, room_for.calls_in_flight, done, on_page, check_interrupt)
@@ -122,11 +146,12 @@ class PagePipeline:
 
         try:
             async with self._models.hold():
-                for number in job.page_numbers:
+                for _ in job.page_numbers:
                     check_interrupt()
                     await self._assemble_ready(job, held, done, on_page, check_interrupt)
-                    page = await _render(renders, job, number, check_interrupt)
-                    await asyncio.to_thread(self._store.write_preview, job.task_id, page.number, page.image)
+                    page = await ahead.next()
+                    preview = page.png if page.png is not None else page.image
+                    await asyncio.to_thread(self._store.write_preview, job.task_id, page.number, preview)
                     saved = await asyncio.to_thread(self._store.read_raw, job.task_id, page.number)
                     if saved is not None:
                         if batch:  # keep page order: the pages before this one go first
@@ -147,8 +172,8 @@ class PagePipeline:
                     await self._wait(held)
                     await self._assemble_ready(job, held, done, on_page, check_interrupt)
         finally:
+            await ahead.cancel()
             await _cancel(held)
-        return done
 
     async def _limits(self, page: PageImage) -> DispatchLimits:
         """The engine's limits; loading it is the first page's work, so its failure names that page."""
@@ -163,7 +188,7 @@ class PagePipeline:
         job: PageJob,
         held: deque[_Call],
         calls_in_flight: int,
-        done: list[AssembledPage],
+        done: AssembledPages,
         on_page: OnPage,
         check_interrupt: Callable[[], None],
     ) -> None:
@@ -187,18 +212,29 @@ class PagePipeline:
         self,
         job: PageJob,
         held: deque[_Call],
-        done: list[AssembledPage],
+        done: AssembledPages,
         on_page: OnPage,
         check_interrupt: Callable[[], None],
     ) -> None:
         """Assemble the pages of the leading calls that are done, in order.
 
-        A call that failed fails the task now, even behind calls still running: waiting for them
-        would only delay an error that is already certain.
+        A call that failed fails the task at once, even behind calls still running: waiting for
+        them would only delay an error that is already certain. Only the calls before it get a
+        moment (``_FAILURE_GRACE_SECONDS``) to end, so that pages sent together and failing alike
+        (a context too small for any page) name the first of them.
         """
-        for call in held:
+        for n, call in enumerate(held):
             if call.result.done() and not call.result.cancelled() and call.result.exception() is not None:
-                call.result.result()  # raises the failure, which names its page(s)
+                earlier = [c.result for c in list(held)[:n] if not c.result.done()]
+                if earlier:
+                    await asyncio.wait(earlier, timeout=_FAILURE_GRACE_SECONDS)
+                for failed in list(held)[: n + 1]:
+                    if (
+                        failed.result.done()
+                        and not failed.result.cancelled()
+                        and failed.result.exception() is not None
+                    ):
+                        failed.result.result()  # raises the failure, which names its page(s)
         while held and held[0].result.done():
             call = held.popleft()
             for page, (text, seconds) in zip(call.pages, call.result.result(), strict=True):
@@ -209,7 +245,7 @@ class PagePipeline:
         """Recognise one call's pages and store each page's raw output at once."""
         started = time.perf_counter()
         try:
-            texts = await self._models.recognize([page.image for page in batch], job.recognize)
+            texts = await self._models.recognize([_for_engine(page) for page in batch], job.recognize)
         except DsocrError as exc:
             if len(batch) == 1:
                 exc.message = f"page {batch[0].number}: {exc.message}"
@@ -234,58 +270,92 @@ class PagePipeline:
         page: PageImage,
         text: PageText,
         index: int,
-        done: list[AssembledPage],
+        done: AssembledPages,
         on_page: OnPage,
         *,
         seconds: float,
     ) -> None:
         try:
-            assembled = await asyncio.to_thread(self._assemble, job, page, text, index)
+            assembled = await asyncio.to_thread(self._assemble, job, page, text, index, done)
         except DsocrError:
             raise
         except (
             Exception
         ) as exc:  # a parser or crop bug must fail this task with the page named, not the worker
             raise PageFailed(f"page {page.number}: {type(exc).__name__}: {exc}") from exc
-        done.append(assembled)
         if seconds:
             self._metrics.page_duration.observe(seconds)
             self._metrics.pages_processed.labels("truncated" if assembled.truncated else "complete").inc()
         await on_page(assembled, seconds)
 
-    def _assemble(self, job: PageJob, page: PageImage, text: PageText, index: int) -> AssembledPage:
+    def _assemble(
+        self, job: PageJob, page: PageImage, text: PageText, index: int, done: AssembledPages
+    ) -> AssembledPage:
         parsed = parse_page(text.text, text.stop_reason)
         assembled = assemble_page(page, parsed, index)
         for name, crop in assembled.crops:
             self._store.write_image(job.task_id, name, crop, lease=job.lease)
+        done.add(assembled)
         return assembled
 
-    def write_outputs(self, task_id: str, pages: Sequence[AssembledPage], lease: int = 0) -> None:
-        """Store ``full.md`` and ``layout.json`` under ``lease`` (blocking)."""
-        self._store.write_result(task_id, "full.md", merge_markdown(pages).encode(), lease=lease)
-        layout = {"version": 1, "pages": [page.layout for page in pages]}
-        data = json.dumps(layout, ensure_ascii=False).encode()
-        self._store.write_result(task_id, "layout.json", data, lease=lease)
+    def write_outputs(self, task_id: str, pages: AssembledPages, lease: int = 0) -> None:
+        """Store ``full.md`` and ``layout.json`` under ``lease``, streamed from ``pages`` (blocking)."""
+        self._store.write_result(task_id, "full.md", pages.markdown_chunks(), lease=lease)
+        self._store.write_result(task_id, "layout.json", pages.layout_chunks(), lease=lease)
 
 
-async def _render(
-    renders: RenderPool, job: PageJob, number: int, check_interrupt: Callable[[], None]
-) -> PageImage:
-    """Render page ``number`` in the pool, calling ``check_interrupt`` while it renders: what it
-    raises cancels the render, which kills the process in the middle of the page."""
-    render = asyncio.ensure_future(
-        renders.render(job.input_path, job.kind, number, dpi=job.dpi, max_pixels=job.max_pixels)
-    )
-    try:
+class _RenderAhead:
+    """The job's pages rendered in order, as many at once as the pool has processes, ahead of the
+    page being recognised: the next pages are ready by the time they are wanted."""
+
+    def __init__(self, renders: RenderPool, job: PageJob, check_interrupt: Callable[[], None]) -> None:
+        self._renders = renders
+        self._job = job
+        self._check_interrupt = check_interrupt
+        self._numbers = iter(job.page_numbers)
+        self._started: deque[asyncio.Future[PageImage]] = deque()
+
+    async def next(self) -> PageImage:
+        """The next page, calling ``check_interrupt`` while it renders: what it raises is raised
+        here (``cancel`` then kills the renders). Raises what the render raises."""
+        self._start_more()
+        render = self._started[0]
         while not render.done():
             await asyncio.wait([render], timeout=_INTERRUPT_POLL_SECONDS)
             if not render.done():
-                check_interrupt()
+                self._check_interrupt()
+        self._started.popleft()
+        self._start_more()  # every process busy while this page goes on its way
         return render.result()
-    finally:
-        if not render.done():
+
+    def _start_more(self) -> None:
+        """Start renders until one more page than the pool has processes is running or ready (or
+        no page is left): every process stays busy, and rendered pages kept waiting are bounded."""
+        job = self._job
+        while len(self._started) <= max(1, self._renders.processes):
+            number = next(self._numbers, None)
+            if number is None:
+                return
+            render = self._renders.render(
+                job.input_path, job.kind, number, dpi=job.dpi, max_pixels=job.max_pixels
+            )
+            self._started.append(asyncio.ensure_future(render))
+
+    async def cancel(self) -> None:
+        """Cancel the renders still running (the pool kills their processes) and wait for them."""
+        for render in self._started:
             render.cancel()
-            await asyncio.wait([render])  # the pool has killed the process; nothing outlives the task
+        # Their failures are moot once the task stopped, but must be retrieved.
+        await asyncio.gather(*self._started, return_exceptions=True)
+        self._started.clear()
+
+
+def _for_engine(page: PageImage) -> Image.Image:
+    """The page's image, carrying the PNG its render process made (``app.engines.vllm`` sends it
+    as it is instead of encoding the pixels again)."""
+    if page.png is not None:
+        page.image.info[LOSSLESS_PNG] = LosslessPng(page.image.size, page.png)
+    return page.image
 
 
 def _resolved(value: Recognized) -> asyncio.Future[Recognized]:

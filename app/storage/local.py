@@ -5,7 +5,8 @@ Layout, one directory per task under ``<data_dir>/tasks/<task_id>/``::
     task.json      the record, written atomically (temp file + fsync + rename)
     input/<name>   the original upload or download
     raw/pNNNN.json the model's raw output per page, written as soon as the page is done
-    pages/pNNNN.webp a preview of each rendered page (at most 1600 px a side), written as it renders
+    pages/pNNNN.png  each rendered page, lossless, written as it renders
+    pages/pNNNN.webp its preview (at most 1600 px a side), made from it when first asked for
     images/        figure crops, pNNNN_NN.png
     full.md, layout.json, result.json
 
@@ -35,18 +36,18 @@ from PIL import Image
 from app.errors import ResultNotFound, StorageError, TaskNotFound
 from app.records import TASK_ID_PATTERN, TaskRecord
 from app.result_files import IMAGE_NAME, RESULT_FILES
-from app.storage.base import RecordSummary, summary_of
+from app.storage.base import Chunks, RecordSummary, chunks_of, encode_png, encode_preview, summary_of
 
-PREVIEW_MAX_SIDE = 1600  # px; enough to read a page in the console, about 130 kB a page as WebP
 KEY_NAME = re.compile(r"^[0-9a-f]{64}$")  # an idempotency entry: a SHA-256 hex digest, never the key
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: Chunks) -> None:
     """Write ``data`` so readers see the old file or the new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks_of(data):
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -208,18 +209,26 @@ class LocalStore:
         except ValueError:
             return None  # a torn write cannot happen (atomic), but a hand-edited file must not stop a task
 
-    def write_preview(self, task_id: str, number: int, image: Image.Image) -> None:
-        """Store the preview of page ``number`` (the document's page number), replacing any earlier one."""
+    def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
+        """Store page ``number`` (the document's page number) as ``pages/pNNNN.png``, replacing any
+        earlier one. A preview made of an earlier one stays: a task's page renders alike each time."""
         pages_dir = self._dir(task_id) / "pages"
         pages_dir.mkdir(exist_ok=True)
-        _atomic_write(pages_dir / f"p{number:04d}.webp", encode_preview(image))
+        _atomic_write(pages_dir / f"p{number:04d}.png", page if isinstance(page, bytes) else encode_png(page))
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
-        """An open stream of page ``number``'s preview; ``ResultNotFound`` until it is rendered."""
+        """An open stream of page ``number``'s preview, made from its PNG and kept the first time
+        it is asked for; ``ResultNotFound`` until the page is rendered."""
+        pages_dir = self._dir(record.task_id) / "pages"
+        with contextlib.suppress(FileNotFoundError):
+            return (pages_dir / f"p{number:04d}.webp").open("rb")
         try:
-            return (self._dir(record.task_id) / "pages" / f"p{number:04d}.webp").open("rb")
+            preview = encode_preview((pages_dir / f"p{number:04d}.png").read_bytes())
         except FileNotFoundError as exc:
             raise ResultNotFound(f"task {record.task_id} has no rendered page {number} (yet)") from exc
+        with contextlib.suppress(OSError):  # a full disk costs the next request the encoding again
+            _atomic_write(pages_dir / f"p{number:04d}.webp", preview)
+        return io.BytesIO(preview)
 
     def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None:
         if not IMAGE_NAME.match(name):
@@ -227,10 +236,10 @@ class LocalStore:
         image_dir = self._dir(task_id) / "images"
         image_dir.mkdir(exist_ok=True)
         tmp = image_dir / f".{name}.tmp"
-        image.save(tmp, format="PNG", optimize=False)
+        tmp.write_bytes(encode_png(image))
         os.replace(tmp, image_dir / name)
 
-    def write_result(self, task_id: str, name: str, data: bytes, *, lease: int = 0) -> None:
+    def write_result(self, task_id: str, name: str, data: Chunks, *, lease: int = 0) -> None:
         if name not in RESULT_FILES:
             raise StorageError(f"unknown result file {name!r}")
         _atomic_write(self._dir(task_id) / name, data)
@@ -262,13 +271,3 @@ class LocalStore:
 
     def result_url(self, record: TaskRecord, name: str) -> str | None:
         return None  # files on this disk are streamed by the service
-
-
-def encode_preview(image: Image.Image) -> bytes:
-    """The page as a WebP preview, scaled down to ``PREVIEW_MAX_SIDE``: about 0.1 s for an A4 page
-    at 200 dpi (method 0: the fastest encoder setting; a preview needs no better)."""
-    preview = image.copy()
-    preview.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.BILINEAR)
-    out = io.BytesIO()
-    preview.save(out, format="WEBP", quality=75, method=0)
-    return out.getvalue()

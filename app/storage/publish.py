@@ -2,7 +2,8 @@
 
 One publisher per service, chosen by ``APP_PUBLISH_BACKEND``:
 
-- ``BucketPublisher`` (``s3``, ``oss``) uploads ``full.md``, ``layout.json``, ``result.json``,
+- ``BucketPublisher`` (``s3``, ``oss``) uploads ``full.md``, ``layout.json``, ``result.json``, the
+  exports (``chunks.json``, ``result.html``, ``result.docx``, built while they upload),
   ``result.zip`` and every ``images/`` file to ``<prefix>/<task_id>/<name>`` with its content type,
   each file tried up to ``max_attempts`` times with exponential backoff, then presigns a GET link
   per file. Uploads overwrite: publishing twice is harmless.
@@ -23,7 +24,7 @@ from typing import Protocol
 from app.config import Settings
 from app.errors import BackendUnavailable, BucketRefused, PublishFailed, StorageError
 from app.records import DeliveryStatus, PublishState, TaskRecord
-from app.storage.archive import ResultFile, open_result, result_files
+from app.storage.archive import ExportBuilder, ResultFile, open_result, result_files
 from app.storage.base import TaskStore
 from app.storage.links import LinkSigner
 from app.storage.s3 import BucketConfig, S3Bucket, s3_bucket_config
@@ -38,8 +39,9 @@ class Publisher(Protocol):
 
     backend: str  # "local", "s3" or "oss": shown on the task's publish state
 
-    async def publish(self, record: TaskRecord) -> PublishState:
-        """Publish every file of ``result_files(record)``; raises ``PublishFailed``."""
+    async def publish(self, record: TaskRecord, exports: ExportBuilder) -> PublishState:
+        """Publish every file of ``result_files(record)``, the exports built by ``exports``;
+        raises ``PublishFailed``."""
         ...
 
     def close(self) -> None:
@@ -72,7 +74,8 @@ class LinkPublisher:
         self._expire_seconds = expire_seconds
         self._base_url = (base_url or "").rstrip("/")  # empty: links relative to the service root
 
-    async def publish(self, record: TaskRecord) -> PublishState:
+    async def publish(self, record: TaskRecord, exports: ExportBuilder) -> PublishState:
+        # The share links name the exports; the service builds them when a link is followed.
         expires, expires_at = _expiry(self._expire_seconds)
         links = {
             file.name: self._base_url + self._signer.path(record.task_id, file.name, expires)
@@ -110,10 +113,10 @@ class BucketPublisher:
         """The object key of one result file: ``<prefix>/<task_id>/<name>``."""
         return "/".join(part for part in (self._prefix, task_id, name) if part)
 
-    async def publish(self, record: TaskRecord) -> PublishState:
+    async def publish(self, record: TaskRecord, exports: ExportBuilder) -> PublishState:
         files = result_files(record)
         for file in files:
-            await self._upload(record, file)
+            await self._upload(record, file, exports)
         expires_at = _expiry(self._expire_seconds)[1]
 
         def presign_all() -> dict[str, str]:
@@ -128,11 +131,11 @@ class BucketPublisher:
             raise PublishFailed(f"the results were uploaded but {exc.message}") from exc
         return _published(self.backend, links, expires_at)
 
-    async def _upload(self, record: TaskRecord, file: ResultFile) -> None:
+    async def _upload(self, record: TaskRecord, file: ResultFile, exports: ExportBuilder) -> None:
         key = self.key(record.task_id, file.name)
         for attempt in range(1, self._max_attempts + 1):
             try:
-                await asyncio.to_thread(self._upload_once, record, file, key)
+                await asyncio.to_thread(self._upload_once, record, file, key, exports)
                 return
             except (StorageError, BackendUnavailable) as exc:
                 if not _retriable(exc) or attempt == self._max_attempts:
@@ -150,9 +153,9 @@ class BucketPublisher:
                 )
                 await asyncio.sleep(delay)
 
-    def _upload_once(self, record: TaskRecord, file: ResultFile, key: str) -> None:
+    def _upload_once(self, record: TaskRecord, file: ResultFile, key: str, exports: ExportBuilder) -> None:
         # Opened afresh for every try: a failed try may have read part of the stream.
-        with open_result(self._store, record, file.name) as body:
+        with open_result(self._store, record, file.name, exports) as body:
             self.bucket.upload(key, body, file.content_type)
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ Any API replica serves any task and any worker runs it. Object keys, under ``APP
 
     tasks/<id>/input/<name>            the upload or download
     tasks/<id>/raw/pNNNN.json          the model's output per page (what a resumed task reuses)
-    tasks/<id>/pages/pNNNN.webp        page previews
+    tasks/<id>/pages/pNNNN.png         each rendered page, lossless
+    tasks/<id>/pages/pNNNN.webp        its preview, made from it when first asked for
     tasks/<id>/out/<lease>/full.md     results of the attempt holding lease <lease>: full.md,
                                        layout.json, result.json, images/pNNNN_NN.png
 
@@ -37,8 +38,7 @@ from PIL import Image
 from app.errors import BackendUnavailable, BucketRefused, ObjectMissing, ResultNotFound, StorageError
 from app.records import TASK_ID_PATTERN, TaskRecord
 from app.result_files import IMAGE_NAME, PREVIEW_CONTENT_TYPE, RESULT_FILES
-from app.storage.base import RecordSummary
-from app.storage.local import encode_preview
+from app.storage.base import Chunks, RecordSummary, encode_png, encode_preview
 from app.storage.redis_records import RedisRecords
 from app.storage.s3 import S3Bucket, bucket_errors
 
@@ -83,9 +83,17 @@ class SharedStore:
 
     # --- objects ---
 
-    def _put(self, key: str, data: bytes, content_type: str) -> None:
-        with bucket_errors(f"writing {key}"):
-            self._s3.put_object(Bucket=self._bucket.name, Key=key, Body=data, ContentType=content_type)
+    def _put(self, key: str, data: Chunks, content_type: str) -> None:
+        """Write ``key``; chunks are spooled to a temporary file first (S3 wants a length)."""
+        if isinstance(data, bytes):
+            with bucket_errors(f"writing {key}"):
+                self._s3.put_object(Bucket=self._bucket.name, Key=key, Body=data, ContentType=content_type)
+            return
+        with tempfile.TemporaryFile(dir=self._spool) as spooled:
+            for chunk in data:
+                spooled.write(chunk)
+            spooled.seek(0)
+            self._bucket.upload(key, spooled, content_type)
 
     def _get(self, key: str) -> BinaryIO | None:
         """An open stream of ``key``; ``None`` when there is no such object."""
@@ -207,24 +215,29 @@ class SharedStore:
                 return None
         return payload if isinstance(payload, dict) else None
 
-    def write_preview(self, task_id: str, number: int, image: Image.Image) -> None:
-        key = self._key(task_id, "pages", f"p{number:04d}.webp")
-        self._put(key, encode_preview(image), PREVIEW_CONTENT_TYPE)
+    def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
+        data = page if isinstance(page, bytes) else encode_png(page)
+        self._put(self._key(task_id, "pages", f"p{number:04d}.png"), data, "image/png")
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
+        """The preview, made from the page's PNG and kept the first time it is asked for."""
         body = self._get(self._key(record.task_id, "pages", f"p{number:04d}.webp"))
-        if body is None:
+        if body is not None:
+            return body
+        source = self._get(self._key(record.task_id, "pages", f"p{number:04d}.png"))
+        if source is None:
             raise ResultNotFound(f"task {record.task_id} has no rendered page {number} (yet)")
-        return body
+        with source:
+            preview = encode_preview(source.read())
+        self._put(self._key(record.task_id, "pages", f"p{number:04d}.webp"), preview, PREVIEW_CONTENT_TYPE)
+        return io.BytesIO(preview)
 
     def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None:
         if not IMAGE_NAME.match(name):
             raise StorageError(f"refusing to write an image named {name!r}")
-        out = io.BytesIO()
-        image.save(out, format="PNG", optimize=False)
-        self._put(self._result_key(task_id, f"images/{name}", lease), out.getvalue(), "image/png")
+        self._put(self._result_key(task_id, f"images/{name}", lease), encode_png(image), "image/png")
 
-    def write_result(self, task_id: str, name: str, data: bytes, *, lease: int = 0) -> None:
+    def write_result(self, task_id: str, name: str, data: Chunks, *, lease: int = 0) -> None:
         if name not in RESULT_FILES:
             raise StorageError(f"unknown result file {name!r}")
         self._put(self._result_key(task_id, name, lease), data, RESULT_FILES[name])

@@ -32,6 +32,7 @@ from app.records import (
 from app.storage.base import TaskStore
 from app.storage.publish import Publisher
 from app.storage.webhooks import Attempt, WebhookSender, check_callback_url
+from app.tasks.downloads import Exports
 from app.views import TaskView
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class FollowUps:
         self._store = store
         self._metrics = metrics
         self._publisher = publisher
+        self._exports = Exports(store)  # what a bucket publish uploads beside the stored files
         self._webhooks = webhooks  # None: APP_WEBHOOK_SECRET unset, tasks cannot ask for webhooks
         self._auto_publish = auto_publish
         self._lock = asyncio.Lock()
@@ -160,7 +162,7 @@ class FollowUps:
         running = PublishState(status=DeliveryStatus.RUNNING, backend=backend)
         record = await self._update(task_id, lambda r: setattr(r, "publish", running))
         try:
-            state = await self._publisher.publish(record)
+            state = await self._publisher.publish(record, self._exports)
         except DsocrError as exc:  # PublishFailed, or a result file gone (the task expired meanwhile)
             log.warning("publishing task %s failed: %s", task_id, exc.message)
             state = self._failed_publish(exc.code, exc.message)

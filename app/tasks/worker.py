@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from app.engines.manager import ModelManager
 from app.errors import BackendUnavailable, DsocrError, LeaseLost, TaskCanceled, TaskNotFound
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage
+from app.pipeline.outputs import AssembledPages
 from app.pipeline.run import PageJob, PagePipeline
 from app.records import MAX_STRIKES, TaskErrorInfo, TaskRecord, TaskStatus
 from app.tasks.events import EventKind
@@ -294,12 +294,13 @@ class WorkerPool:
                 lease=record.lease,
             )
             pages = await self._pipeline.run(job, on_page=on_page, check_interrupt=check_interrupt)
-        await asyncio.to_thread(self._pipeline.write_outputs, task_id, pages, record.lease)
-        record.images = [name for page in pages for name, _ in page.crops]
-        record.model = self._models.state.model
-        await self._ledger.finish(
-            record, TaskStatus.SUCCEEDED, before_save=lambda final: self._write_result_json(final, pages)
-        )
+        with pages:
+            await asyncio.to_thread(self._pipeline.write_outputs, task_id, pages, record.lease)
+            record.images = list(pages.images)
+            record.model = self._models.state.model
+            await self._ledger.finish(
+                record, TaskStatus.SUCCEEDED, before_save=lambda final: self._write_result_json(final, pages)
+            )
 
     @contextlib.asynccontextmanager
     async def _input_file(self, record: TaskRecord) -> AsyncIterator[Path]:
@@ -311,22 +312,13 @@ class WorkerPool:
         finally:
             await asyncio.to_thread(lent.__exit__, None, None, None)
 
-    async def _write_result_json(self, record: TaskRecord, pages: list[AssembledPage]) -> None:
-        """``result.json``: the view of the succeeded ``record``, with every page."""
+    async def _write_result_json(self, record: TaskRecord, pages: AssembledPages) -> None:
+        """``result.json``: the view of the succeeded ``record``, with every page, streamed."""
         view = TaskView.from_record(record).model_dump(mode="json", by_alias=True)
-        view["pages"] = [
-            {
-                "index": p.index,
-                "page": p.number,
-                "markdown": p.markdown,
-                "truncated": p.truncated,
-                "truncated_reason": p.truncated_reason,
-                **{k: p.layout[k] for k in ("width", "height", "dpi")},
-                "blocks": p.layout["blocks"],
-            }
-            for p in pages
-        ]
-        data = json.dumps(view, ensure_ascii=False).encode()
         await asyncio.to_thread(
-            self._store.write_result, record.task_id, "result.json", data, lease=record.lease
+            self._store.write_result,
+            record.task_id,
+            "result.json",
+            pages.result_chunks(view),
+            lease=record.lease,
         )

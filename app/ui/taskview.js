@@ -12,6 +12,9 @@ const DOWNLOADS = [
   ["json", "result.json", ".json"],
   ["layout", "layout.json", ".layout.json"],
   ["zip", "result.zip", ".zip"],
+  ["chunks", "chunks.json", ".chunks.json"],
+  ["html", "result.html", ".html"],
+  ["docx", "result.docx", ".docx"],
 ];
 
 export class TaskView {
