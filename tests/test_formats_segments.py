@@ -21,6 +21,7 @@ from app.engines.base import END_MARKER
 from app.formats.segments import read_document, units
 from app.pipeline.assemble import AssembledPage, assemble_page, merge_markdown
 from app.pipeline.grounding import parse_page
+from app.pipeline.outputs import StoredPage
 from app.pipeline.pages import open_document
 
 DPI = 100  # not 72 or 144: points and pixels differ by a factor that is not a round number
@@ -162,22 +163,11 @@ def build_sample(tmp_path: Path) -> Sample:
             buffer = io.BytesIO()
             crop.save(buffer, format="PNG")
             crops[name] = buffer.getvalue()
-    # The page entries of result.json, as app.tasks.worker writes them.
+    # The page entries of result.json, as the worker writes them.
     result = {
         "task_id": "t1",
         "source": {"filename": "report.pdf"},
-        "pages": [
-            {
-                "index": page.index,
-                "page": page.number,
-                "markdown": page.markdown,
-                "truncated": page.truncated,
-                "truncated_reason": page.truncated_reason,
-                **{key: page.layout[key] for key in ("width", "height", "dpi")},
-                "blocks": page.layout["blocks"],
-            }
-            for page in pages
-        ],
+        "pages": [StoredPage.of(page).result_entry() for page in pages],
     }
     return Sample(pdf=pdf, pages=pages, result=result, full_md=merge_markdown(pages), crops=crops)
 

@@ -33,6 +33,11 @@ class StoredPage:
     truncated_reason: str | None
     layout: dict[str, Any]
 
+    @classmethod
+    def of(cls, page: AssembledPage) -> StoredPage:
+        """What is kept of ``page`` once it is stored."""
+        return cls(page.index, page.number, page.markdown, page.truncated, page.truncated_reason, page.layout)
+
     def result_entry(self) -> dict[str, Any]:
         """The page's entry in ``result.json``'s ``pages``."""
         return {
@@ -63,9 +68,7 @@ class AssembledPages:
         return self._count
 
     def add(self, page: AssembledPage) -> None:
-        stored = StoredPage(
-            page.index, page.number, page.markdown, page.truncated, page.truncated_reason, page.layout
-        )
+        stored = StoredPage.of(page)
         # One line a page: json.dumps escapes every line break inside strings.
         self._file.write(json.dumps(asdict(stored), ensure_ascii=False).encode() + b"\n")
         self._count += 1

@@ -69,12 +69,12 @@ class Created:
 class TaskService:
     def __init__(self, *, ledger: TaskLedger, limits: Limits, renders: RenderPool) -> None:
         self._ledger = ledger
-        self.store = ledger.store
-        self.queue = ledger.queue
-        self.events = ledger.events
-        self.metrics = ledger.metrics
-        self.followups = ledger.followups
-        self.limits = limits
+        self._store = ledger.store
+        self._queue = ledger.queue
+        self._events = ledger.events
+        self._metrics = ledger.metrics
+        self._followups = ledger.followups
+        self._limits = limits
         self._renders = renders  # opens and counts uploads, away from the event loop
         self._keys = IdempotencyKeys(ledger.store)
 
@@ -82,7 +82,7 @@ class TaskService:
 
     async def ensure_capacity(self) -> None:
         """Refuse before reading a body when the queue is already full."""
-        if await self.queue.full():
+        if await self._queue.full():
             raise await self._queue_full()
 
     async def create_from_upload(
@@ -158,18 +158,18 @@ class TaskService:
         try:
             if options.callback_url is not None:
                 await self._check_callback(options.callback_url)
-            if options.dpi > self.limits.max_dpi:
-                raise InvalidOptions(f"dpi {options.dpi} is above the limit of {self.limits.max_dpi}")
+            if options.dpi > self._limits.max_dpi:
+                raise InvalidOptions(f"dpi {options.dpi} is above the limit of {self._limits.max_dpi}")
             inspection = await self._renders.inspect(
                 received.path,
                 received.kind,
                 options.pages,
-                max_pages=self.limits.max_pages,
-                max_pixels=self.limits.max_page_pixels,
+                max_pages=self._limits.max_pages,
+                max_pixels=self._limits.max_page_pixels,
             )
             page_count, numbers = inspection.page_count, inspection.numbers
             try:
-                reservation = await self.queue.reserve()
+                reservation = await self._queue.reserve()
             except QueueFull:
                 raise await self._queue_full() from None
             record = TaskRecord(
@@ -189,7 +189,7 @@ class TaskService:
                 last_event_id=1,
             )
             try:
-                await asyncio.to_thread(self.store.create, record, received.path)
+                await asyncio.to_thread(self._store.create, record, received.path)
             except BaseException:
                 await reservation.release()
                 raise
@@ -198,19 +198,19 @@ class TaskService:
         except BaseException:
             received.path.unlink(missing_ok=True)
             raise
-        self.metrics.tasks_submitted.inc()
+        self._metrics.tasks_submitted.inc()
         await self._ledger.sample_queue()
         log.info("task %s queued: %s, %d pages", record.task_id, received.filename, len(numbers))
         return record
 
     async def _check_callback(self, url: str) -> None:
-        if self.followups is None:
+        if self._followups is None:
             raise InvalidOptions("this service does not send webhooks; leave callback_url out")
-        await self.followups.check_callback(url)
+        await self._followups.check_callback(url)
 
     async def _queue_full(self) -> QueueFull:
-        depth = await self.queue.depth()
-        wait = math.ceil(self._ledger.seconds_per_task * max(depth, 1) / self.limits.workers)
+        depth = await self._queue.depth()
+        wait = math.ceil(self._ledger.seconds_per_task * max(depth, 1) / self._limits.workers)
         return QueueFull(
             f"the queue is full ({depth} tasks waiting); retry later", retry_after=min(max(wait, 1), 600)
         )
@@ -222,7 +222,7 @@ class TaskService:
 
         ``owner`` is the caller's key hash; ``None`` (auth off, or the service itself) sees all.
         """
-        record = await asyncio.to_thread(self.store.load, task_id)
+        record = await self._ledger.load(task_id)
         if not record.visible_to(owner):
             raise TaskNotFound(f"no task {task_id!r}")
         return record
@@ -237,7 +237,7 @@ class TaskService:
         """The tasks ``owner`` may see, newest first, ``limit`` at a time; ``cursor`` is a previous
         page's ``next_cursor``. Raises ``InvalidOptions`` for a cursor this service did not issue."""
         after = _parse_cursor(cursor) if cursor is not None else None
-        summaries = await asyncio.to_thread(self.store.summaries)
+        summaries = await asyncio.to_thread(self._store.summaries)
         keys = sorted(
             (
                 (_micros(s.created_at), s.task_id)
@@ -257,7 +257,7 @@ class TaskService:
         records = []
         for task_id in task_ids:
             with contextlib.suppress(TaskNotFound):  # expired since it was listed
-                records.append(self.store.load(task_id))
+                records.append(self._store.load(task_id))
         return records
 
     # --- follow ---
@@ -273,7 +273,7 @@ class TaskService:
         with contextlib.suppress(TimeoutError):
             async with (
                 asyncio.timeout(seconds),
-                contextlib.aclosing(self.events.follow(task_id, record.last_event_id)) as events,
+                contextlib.aclosing(self._events.follow(task_id, record.last_event_id)) as events,
             ):
                 async for event in events:
                     if event.kind is EventKind.END:
@@ -301,7 +301,7 @@ class TaskService:
         return self._follow(record, after)
 
     async def _follow(self, record: TaskRecord, after: int | None) -> AsyncGenerator[TaskEvent, None]:
-        oldest = await self.events.oldest(record.task_id)
+        oldest = await self._events.oldest(record.task_id)
         # Every event up to record.last_event_id is reflected in the record (saved before published).
         missed = after is None or (record.last_event_id > after and (oldest is None or oldest > after + 1))
         if missed:
@@ -312,7 +312,7 @@ class TaskService:
                 return
             after = record.last_event_id
         assert after is not None
-        async with contextlib.aclosing(self.events.follow(record.task_id, after)) as events:
+        async with contextlib.aclosing(self._events.follow(record.task_id, after)) as events:
             async for event in events:
                 yield event
 
@@ -329,7 +329,7 @@ class TaskService:
                 record = await self.get(task_id, owner)
                 if not record.cancel():
                     self._ledger.request_cancel(task_id)  # a worker of this process sees it at once
-                    await asyncio.to_thread(self.store.request_cancel, task_id)  # any other, shortly
+                    await asyncio.to_thread(self._store.request_cancel, task_id)  # any other, shortly
                     return record
                 try:
                     await self._ledger.ended(record)
@@ -338,7 +338,7 @@ class TaskService:
                 break
             else:
                 raise LeaseLost(f"task {task_id} changed hands {_CANCEL_TRIES} times during the cancel")
-            await self.queue.discard(task_id)
+            await self._queue.discard(task_id)
         await self._ledger.sample_queue()
         return record
 
@@ -354,15 +354,15 @@ class TaskService:
         durable queue needs none of this: it redelivers what a stopped worker held, and the worker
         taking it applies the same rule.
         """
-        await asyncio.to_thread(self.store.clear_spool)
-        if self.queue.durable:
+        await asyncio.to_thread(self._store.clear_spool)
+        if self._queue.durable:
             return 0
         pending = await asyncio.to_thread(self._unfinished)
         for record in pending:
             if record.cancel_requested:
                 record.finish(TaskStatus.CANCELED)
-                if self.followups is not None:
-                    self.followups.plan(record)  # started with the other unfinished follow-ups
+                if self._followups is not None:
+                    self._followups.plan(record)  # started with the other unfinished follow-ups
             elif record.status is TaskStatus.RUNNING:
                 if record.interrupted():
                     log.warning(
@@ -377,9 +377,9 @@ class TaskService:
             # A status change nobody here follows yet; counted, so a client that reconnects with an
             # id from before the restart gets the state as it is now.
             record.last_event_id += 1
-            await asyncio.to_thread(self.store.save, record)
+            await asyncio.to_thread(self._store.save, record)
             if record.status is TaskStatus.QUEUED:
-                await self.queue.requeue(record.task_id)
+                await self._queue.requeue(record.task_id)
                 self._ledger.queued(record)
         resumed = sum(1 for r in pending if r.status is TaskStatus.QUEUED)
         if resumed:
@@ -388,17 +388,17 @@ class TaskService:
         return resumed
 
     def _unfinished(self) -> list[TaskRecord]:
-        pending = [r for r in self.store.list_records() if not r.status.is_final]
+        pending = [r for r in self._store.list_records() if not r.status.is_final]
         pending.sort(key=lambda r: r.created_at)
         return pending
 
     def expire(self) -> int:
         """Delete finished tasks older than the result TTL (blocking); returns how many."""
-        cutoff = datetime.now(UTC) - timedelta(hours=self.limits.result_ttl_hours)
+        cutoff = datetime.now(UTC) - timedelta(hours=self._limits.result_ttl_hours)
         expired = 0
-        for summary in self.store.summaries():
+        for summary in self._store.summaries():
             if summary.status.is_final and (summary.finished_at or summary.created_at) < cutoff:
-                self.store.delete(summary.task_id)
+                self._store.delete(summary.task_id)
                 expired += 1
         if expired:
             log.info("expired %d finished tasks", expired)
