@@ -30,7 +30,7 @@ def _announce_address(settings: Settings) -> None:
     """Say where the service listens when ``APP_HOST`` left it to the keys, and how to change it."""
     if settings.host is not None:
         return  # chosen explicitly: uvicorn's own start-up line says where
-    if settings.api_keys:
+    if settings.api_keys or settings.tenants_file is not None:
         log.info("APP_HOST is unset: listening on every interface (0.0.0.0), API keys are required")
         return
     log.warning(

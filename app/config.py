@@ -28,8 +28,12 @@ class Settings(BaseSettings):
     # ``listen_host``. The images, the compose files and the chart set 0.0.0.0 explicitly.
     host: str | None = None
     port: int = 8000
-    # Comma-separated Bearer keys (``sk_a,sk_b``); empty means the API is open.
+    # Comma-separated Bearer keys (``sk_a,sk_b``); empty (and no APP_TENANTS_FILE) means the API is open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Tenants (see app.tenants and README "Tenants"): their hashed keys, roles, weights and limits.
+    # Both this and APP_API_KEYS apply when both are set. Reloaded when it changes.
+    tenants_file: Path | None = None
+    tenants_poll_seconds: float = Field(default=2, gt=0)  # s, how often the file is read for changes
     metrics_enabled: bool = True
     metrics_require_auth: bool = False
     log_level: str = "info"
@@ -96,6 +100,11 @@ class Settings(BaseSettings):
     ds_no_repeat_ngram_size: int = Field(default=20, ge=0)  # 0 turns the guard off
     ds_batch_size: int = Field(default=4, gt=0)  # pages per generate() call
     page_timeout_seconds: float = Field(default=300, gt=0)  # wall time per generate() call
+    # The retry ladder (app.tasks.options.ladder): attempts a suspect page gets after its first;
+    # each costs about a page's time. 0 turns it off.
+    page_retries: int = Field(default=2, ge=0, le=5)  # attempts per page
+    # A page whose text agrees less than this (0-1) with its PDF text layer is suspect.
+    quality_min_agreement: float = Field(default=0.5, ge=0, le=1)
     model_idle_seconds: float = Field(default=600, gt=0)  # unload the model after this long unused
     gpu_min_free_mb: int = Field(default=2048, ge=0)  # MiB free on the GPU before a task starts
     gpu_poll_seconds: float = Field(default=2.0, gt=0)
@@ -190,6 +199,7 @@ class Settings(BaseSettings):
         "link_base_url",
         "redis_url",
         "host",
+        "tenants_file",
         mode="before",
     )
     @classmethod
@@ -259,7 +269,8 @@ class Settings(BaseSettings):
         machine alone until keys are set or ``APP_HOST`` asks for more."""
         if self.host is not None:
             return self.host
-        return "0.0.0.0" if self.api_keys else "127.0.0.1"  # noqa: S104 - keys guard every interface
+        keyed = bool(self.api_keys) or self.tenants_file is not None
+        return "0.0.0.0" if keyed else "127.0.0.1"  # noqa: S104 - keys guard every interface
 
     @property
     def max_upload_bytes(self) -> int:

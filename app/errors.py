@@ -7,6 +7,7 @@ stores the same ``code`` and ``message`` on its record.
     DsocrError (500, internal_error)
     ├── ClientError (400, bad_request)
     │   ├── Unauthorized (401, unauthorized)
+    │   ├── Forbidden (403, forbidden)
     │   ├── LinkInvalid (403, link_invalid)
     │   │   └── LinkExpired (403, link_expired)
     │   ├── TaskNotFound (404, task_not_found)
@@ -25,7 +26,8 @@ stores the same ``code`` and ``message`` on its record.
     │   ├── UrlNotAllowed (400, url_not_allowed)
     │   ├── UrlFetchFailed (400, url_fetch_failed)
     │   ├── QueueFull (429, queue_full; carries retry_after seconds)
-    │   └── TooManyConnections (429, too_many_connections; carries retry_after seconds)
+    │   └── QuotaExceeded (429, quota_exceeded; carries the limit, its quota and reset seconds)
+    │       └── TooManyConnections (429, too_many_connections)
     └── ServerError (500, internal_error)
         ├── ServiceUnavailable (503, service_unavailable)
         ├── EngineError (500, engine_error)
@@ -67,6 +69,13 @@ class Unauthorized(ClientError):
 
     status_code = 401
     code = "unauthorized"
+
+
+class Forbidden(ClientError):
+    """Raised when a valid key asks for what its role does not allow (another tenant's usage)."""
+
+    status_code = 403
+    code = "forbidden"
 
 
 class LinkInvalid(ClientError):
@@ -198,16 +207,39 @@ class QueueFull(ClientError):
         self.retry_after = retry_after
 
 
-class TooManyConnections(ClientError):
-    """Raised before an event stream or a long-poll starts when the caller's key, or the whole
-    process, already holds ``APP_MAX_STREAMS_PER_KEY`` or ``APP_MAX_STREAMS_TOTAL`` of them."""
+class QuotaExceeded(ClientError):
+    """Raised when a tenant is at one of its limits (``app.tenants.Limits``: queued tasks, pages per
+    day), before anything is stored or counted. ``limit`` names it, ``quota`` is its size over
+    ``window_seconds`` (``None``: a limit on what is held at once, not per window), ``remaining``
+    what is left of it, and ``retry_after`` the seconds until it resets (or a retry may pass)."""
 
     status_code = 429
-    code = "too_many_connections"
+    code = "quota_exceeded"
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: str,
+        quota: int,
+        retry_after: int,
+        remaining: int = 0,
+        window_seconds: int | None = None,
+    ) -> None:
         super().__init__(message)
+        self.limit = limit
+        self.quota = quota
         self.retry_after = retry_after
+        self.remaining = remaining
+        self.window_seconds = window_seconds
+
+
+class TooManyConnections(QuotaExceeded):
+    """Raised before an event stream or a long-poll starts when the caller's tenant (or key), or the
+    whole process, already holds as many as its limit (``event_streams``, else
+    ``APP_MAX_STREAMS_PER_KEY``) or ``APP_MAX_STREAMS_TOTAL``."""
+
+    code = "too_many_connections"
 
 
 class ServerError(DsocrError):

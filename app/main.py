@@ -17,7 +17,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 
 from app import __version__
-from app.api import links, results, system, tasks
+from app.api import links, results, system, tasks, usage
 from app.api.body_limits import BodyLimits
 from app.api.errors import install_error_handlers
 from app.api.http_metrics import HttpMetricsMiddleware
@@ -29,6 +29,7 @@ from app.engines.factory import engine_factory as default_engine_factory
 from app.engines.factory import planned_model, server_health_check
 from app.engines.gpu import GpuGate, GpuProbe, NoGpu, NvmlProbe
 from app.engines.manager import EngineFactory, ModelManager
+from app.errors import BackendUnavailable
 from app.metrics import Metrics
 from app.pipeline.render_pool import RenderPool
 from app.pipeline.run import PagePipeline
@@ -41,19 +42,24 @@ from app.tasks.followups import FollowUps
 from app.tasks.intake import Intake
 from app.tasks.ledger import TaskLedger
 from app.tasks.options import EngineDefaults
+from app.tasks.queue import TenantShares
+from app.tasks.quotas import MemoryBook, QuotaBook, Quotas
 from app.tasks.readiness import Readiness
 from app.tasks.service import Limits, TaskService
+from app.tasks.usage import UsageMeter
 from app.tasks.worker import WorkerConfig, WorkerPool
+from app.tenants import Tenants, TenantsFileError
 
 log = logging.getLogger(__name__)
 
 JANITOR_INTERVAL_SECONDS = 600
+USAGE_FLUSH_SECONDS = 5  # how often bytes served are written to the usage store
 QUEUE_SAMPLE_SECONDS = 5  # how often the queue gauges are read again (a shared queue changes elsewhere)
 SHUTDOWN_GRACE_SECONDS = 20  # time a running task gets to reach a page boundary on shutdown
 OPEN_WARNING = (
     "APP_API_KEYS is empty: authentication is DISABLED. Anyone who can reach this service can "
     "submit documents, read, download and cancel every task. Set APP_API_KEYS=<key>[,<key>...] "
-    "to require 'Authorization: Bearer <key>' on /v1/."
+    "(or APP_TENANTS_FILE) to require 'Authorization: Bearer <key>' on /v1/."
 )
 
 
@@ -64,24 +70,27 @@ def create_app(
     gpu_probe: GpuProbe | None = None,
 ) -> FastAPI:
     """Build the service. ``engine_factory`` and ``gpu_probe`` replace the engine and NVML
-    (tests stand in a scripted model or a GPU); by default both come from ``settings``."""
+    (tests stand in a scripted model or a GPU); by default both come from ``settings``. Raises
+    ``TenantsFileError`` for an ``APP_TENANTS_FILE`` that cannot be read or is invalid."""
     settings = settings or Settings()
     serves_api = settings.role in ("all", "api")
     runs_workers = settings.role in ("all", "worker")
-    if serves_api and not settings.api_keys:
+    tenants = Tenants.from_settings(settings)
+    if serves_api and not tenants.enabled:
         log.warning(OPEN_WARNING)
     probe: GpuProbe = gpu_probe or (NoGpu() if settings.force_cpu else NvmlProbe())
     metrics = Metrics(probe, role=settings.role)
-    backends = build_backends(settings, metrics)
+    backends = build_backends(settings, metrics, TenantShares(tenants))
     store = backends.store
     models = _model_manager(settings, engine_factory, metrics)
     signer = LinkSigner(_link_secret(settings))
-    followups = _followups(settings, store, signer, metrics)
+    followups = _followups(settings, store, signer, metrics, tenants)
     renders = RenderPool(
         processes=settings.render_processes,
         page_seconds=settings.render_page_seconds,
         memory_mb=settings.render_memory_mb,
     )
+    meter = UsageMeter(usage=backends.usage, store=store, metrics=metrics, tenants=tenants)
     ledger = TaskLedger(
         store=store,
         queue=backends.queue,
@@ -89,10 +98,14 @@ def create_app(
         metrics=metrics,
         workers=settings.max_workers,
         followups=followups,
+        usage=meter,
     )
-    service = TaskService(ledger=ledger, renders=renders, limits=_limits(settings))
+    quotas = Quotas(_quota_book(settings, store))
+    service = TaskService(ledger=ledger, renders=renders, limits=_limits(settings), quotas=quotas)
     pool = _worker_pool(settings, ledger, models, renders, probe, metrics) if runs_workers else None
-    lifecycle = _Lifecycle(backends, renders, models, followups, ledger, service, pool, serves_api)
+    lifecycle = _Lifecycle(
+        backends, renders, models, followups, ledger, service, pool, serves_api, tenants, quotas, meter
+    )
 
     # /docs and /redoc serve Swagger UI and ReDoc from the service itself (fastapi-offline, pinned):
     # FastAPI's default pulls unpinned script from a CDN onto the origin where the console keeps its key.
@@ -105,16 +118,22 @@ def create_app(
     )
     # What the routers reach through api/deps.py and api/results.py.
     app.state.settings = settings
+    app.state.tenants = tenants
+    app.state.quotas = quotas  # its clock: the UTC day pages count on
     app.state.metrics = metrics
+    app.state.usage = meter
     app.state.tasks = service
-    app.state.intake = _intake(settings, service, store)
-    app.state.readiness = _readiness(settings, pool, backends, models)
+    app.state.intake = _intake(settings, service, store, tenants)
+    app.state.readiness = _readiness(settings, pool, backends, models, tenants)
     app.state.followups = followups
     app.state.downloads = _downloads(settings, store, signer)
     app.state.stream_caps = StreamCaps(
-        per_key=settings.max_streams_per_key, total=settings.max_streams_total, metrics=metrics
+        per_key=settings.max_streams_per_key,
+        total=settings.max_streams_total,
+        metrics=metrics,
+        tenants=tenants,
     )
-    _install_http(app, settings, metrics, serves_api=serves_api)
+    _install_http(app, settings, metrics, tenants, serves_api=serves_api)
     return app
 
 
@@ -147,24 +166,27 @@ def _link_secret(settings: Settings) -> bytes:
     return secrets.token_bytes(32)
 
 
-def _followups(settings: Settings, store: TaskStore, signer: LinkSigner, metrics: Metrics) -> FollowUps:
-    """Publishing (``APP_PUBLISH_BACKEND``) and webhooks (only with ``APP_WEBHOOK_SECRET``)."""
-    webhooks = None
-    if settings.webhook_secret is not None:
-        webhooks = WebhookSender(
-            secret=settings.webhook_secret.get_secret_value().encode(),
-            allow_private=settings.url_allow_private,
-            timeout_seconds=settings.webhook_timeout_seconds,
-            max_attempts=settings.webhook_max_attempts,
-            backoff_seconds=settings.webhook_backoff_seconds,
-            user_agent=f"dsocr-server/{__version__}",
-        )
+def _followups(
+    settings: Settings, store: TaskStore, signer: LinkSigner, metrics: Metrics, tenants: Tenants
+) -> FollowUps:
+    """Publishing (``APP_PUBLISH_BACKEND``) and webhooks, signed with the task's tenant's
+    ``webhook_secret`` or ``APP_WEBHOOK_SECRET`` (a task with neither takes no ``callback_url``)."""
+    webhooks = WebhookSender(
+        allow_private=settings.url_allow_private,
+        timeout_seconds=settings.webhook_timeout_seconds,
+        max_attempts=settings.webhook_max_attempts,
+        backoff_seconds=settings.webhook_backoff_seconds,
+        user_agent=f"dsocr-server/{__version__}",
+    )
+    secret = settings.webhook_secret
     return FollowUps(
         store=store,
         publisher=publisher_from_settings(settings, store=store, signer=signer),
         webhooks=webhooks,
         auto_publish=settings.auto_publish,
         metrics=metrics,
+        webhook_secret=secret.get_secret_value().encode() if secret is not None else None,
+        tenants=tenants,
     )
 
 
@@ -209,13 +231,32 @@ def _worker_pool(
                 timeout_seconds=settings.page_timeout_seconds,
             ),
             visibility_seconds=settings.visibility_timeout_seconds,
+            page_retries=settings.page_retries,
+            quality_min_agreement=settings.quality_min_agreement,
         ),
     )
 
 
-def _intake(settings: Settings, service: TaskService, store: TaskStore) -> Intake:
+def _quota_book(settings: Settings, store: TaskStore) -> QuotaBook:
+    """Where tenants' quotas are counted: in this process, or in the shared Redis (scale-out)."""
+    if settings.queue_backend == "memory":
+        return MemoryBook(store)
+    # Imported here, as in app.backends: the one-process default needs no redis-py.
+    from app.storage.redis_conn import async_client
+    from app.tasks.redis_quotas import RedisBook
+
+    assert settings.redis_url is not None  # Settings refuses redis without a URL
+    # Its own small pool: one short script per submit, never a blocking read.
+    client = async_client(
+        settings.redis_url, max_connections=8, pool_timeout=settings.redis_pool_timeout_seconds
+    )
+    return RedisBook(client)
+
+
+def _intake(settings: Settings, service: TaskService, store: TaskStore, tenants: Tenants) -> Intake:
     return Intake(
         service,
+        tenants=tenants,
         spool=store.spool_path,
         max_upload_bytes=settings.max_upload_bytes,
         allow_private=settings.url_allow_private,
@@ -226,7 +267,7 @@ def _intake(settings: Settings, service: TaskService, store: TaskStore) -> Intak
 
 
 def _readiness(
-    settings: Settings, pool: WorkerPool | None, backends: Backends, models: ModelManager
+    settings: Settings, pool: WorkerPool | None, backends: Backends, models: ModelManager, tenants: Tenants
 ) -> Readiness:
     return Readiness(
         pool=pool,
@@ -234,7 +275,7 @@ def _readiness(
         queue=backends.queue,
         models=models,
         role=settings.role,
-        auth_enabled=bool(settings.api_keys),
+        tenants=tenants,
         workers=settings.max_workers,
     )
 
@@ -261,6 +302,9 @@ class _Lifecycle:
     service: TaskService
     pool: WorkerPool | None  # None where this process runs no workers (APP_ROLE=api)
     serves_api: bool
+    tenants: Tenants  # its file is reloaded in the background
+    quotas: Quotas
+    usage: UsageMeter  # bytes served are written in the background, and at the end
 
     @contextlib.asynccontextmanager
     async def run(self, app: FastAPI) -> AsyncIterator[None]:
@@ -287,6 +331,12 @@ class _Lifecycle:
             background.append(
                 asyncio.create_task(self.service.run_janitor(JANITOR_INTERVAL_SECONDS), name="dsocr-janitor")
             )
+        if self.tenants.file is not None:
+            background.append(asyncio.create_task(self.tenants.watch(), name="dsocr-tenants-reload"))
+        if self.serves_api:
+            background.append(
+                asyncio.create_task(self.usage.run_flusher(USAGE_FLUSH_SECONDS), name="dsocr-usage-flusher")
+            )
         try:
             yield
         finally:
@@ -296,17 +346,24 @@ class _Lifecycle:
             for job in background:
                 job.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            try:
+                await asyncio.to_thread(self.usage.flush)
+            except BackendUnavailable as exc:
+                log.warning("the bytes served since the last flush are not recorded: %s", exc.message)
             await self.models.unload()
             await self.renders.close()
+            await self.quotas.close()
             await self.backends.close()
 
 
-def _install_http(app: FastAPI, settings: Settings, metrics: Metrics, *, serves_api: bool) -> None:
+def _install_http(
+    app: FastAPI, settings: Settings, metrics: Metrics, tenants: Tenants, *, serves_api: bool
+) -> None:
     """The error handlers, the middleware and the routes this process's role serves."""
     install_error_handlers(app)
     app.add_middleware(
         BodyLimits,
-        api_keys=settings.api_keys,
+        tenants=tenants,
         max_json_bytes=settings.max_json_body_kb * 1024,
         max_upload_bytes=settings.max_upload_bytes,
         metrics=metrics,
@@ -319,6 +376,7 @@ def _install_http(app: FastAPI, settings: Settings, metrics: Metrics, *, serves_
     app.include_router(results.router)  # a task's results: same prefix and API key as tasks.router
     app.include_router(tasks.convert_router)
     app.include_router(links.router)  # share links: no API key, the signature is the credential
+    app.include_router(usage.router)
 
     if settings.ui_enabled:
         install_console(app)  # the web console at /ui/, and the route it renders result pages with
@@ -332,10 +390,15 @@ def settings_from_environment() -> Settings:
     """``Settings()`` from ``APP_*`` variables; invalid ones end the process with a message naming
     each problem (no traceback, no secret values), as a start-up should."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         problems = "\n".join(f"  {error['msg']}" for error in exc.errors())
         sys.exit(f"dsocr-server cannot start, the settings are invalid:\n{problems}")
+    try:
+        Tenants.from_settings(settings)  # read again by create_app; a bad file must stop us here
+    except TenantsFileError as exc:
+        sys.exit(f"dsocr-server cannot start, the tenants file is invalid:\n  {exc}")
+    return settings
 
 
 def configure_logging(settings: Settings) -> None:

@@ -17,6 +17,19 @@ from prometheus_client.registry import Collector
 PAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 TASK_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Agreement of a page's text with its PDF text layer (0-1): finer near the top, where a good page
+# lies (a clean page reads 0.95-1, a few misread words cost a few hundredths).
+AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+
+
+class QualityReading(Protocol):
+    """One page's ``app.pipeline.quality.PageQuality`` (described here, not imported: metrics sit
+    below every layer that updates them)."""
+
+    @property
+    def text_layer_agreement(self) -> float | None: ...
+    @property
+    def reasons(self) -> tuple[str, ...]: ...
 
 
 class MemoryReading(Protocol):
@@ -83,6 +96,24 @@ class Metrics:
         self.pages_processed = Counter(
             "dsocr_pages_processed", "Pages recognised, by how they ended", ["outcome"], registry=r
         )
+        self.page_retries = Counter(
+            "dsocr_page_retries",
+            "Suspect pages recognised again (each rung of the retry ladder run)",
+            registry=r,
+        )
+        self.page_text_agreement = Histogram(
+            "dsocr_page_text_agreement",
+            "Agreement (0-1) of each kept page's text with its PDF text layer, where it has one",
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
+        # reason: one of app.pipeline.quality.REASONS, a bounded set.
+        self.suspect_pages = Counter(
+            "dsocr_suspect_pages",
+            "Kept pages that are suspect, by reason (one page may count under several)",
+            ["reason"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "dsocr_queue_depth", "Tasks waiting in the queue", ["role"], registry=r
         ).labels(role)
@@ -148,4 +179,28 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=r,
         )
+        # Per tenant (app.tasks.usage): the label is a name from the tenants registry, or "other".
+        self.tenant_pages = Counter(
+            "dsocr_tenant_pages", "Pages recognised for tasks that ended, by tenant", ["tenant"], registry=r
+        )
+        self.tenant_tokens = Counter(
+            "dsocr_tenant_tokens",
+            "Engine tokens of tasks that ended, by tenant and kind (prompt or completion)",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.tenant_engine_seconds = Counter(
+            "dsocr_tenant_engine_seconds",
+            "Engine seconds of tasks that ended (each page's share of its calls), by tenant",
+            ["tenant"],
+            registry=r,
+        )
         r.register(_GpuCollector(gpu_probe))
+
+    def observe_quality(self, quality: QualityReading) -> None:
+        """Count one page's quality: its agreement, when it has one, and each of its reasons.
+        Call it once per page, for the attempt kept, so the numbers count pages, not attempts."""
+        if quality.text_layer_agreement is not None:
+            self.page_text_agreement.observe(quality.text_layer_agreement)
+        for reason in quality.reasons:
+            self.suspect_pages.labels(reason).inc()

@@ -28,6 +28,9 @@ def may_see(caller: str | None, task_owner: str | None) -> bool:
 
 Mode = Literal["document", "free", "figure", "describe"]
 Resolution = Literal["tiny", "small", "base", "large", "gundam"]
+# Inside a tenant's share of the workers, its interactive tasks start before its batch ones
+# (``app.tasks.queue``); across tenants the share decides, whatever the priority.
+Priority = Literal["interactive", "batch"]
 
 
 class TaskStatus(StrEnum):
@@ -82,6 +85,11 @@ class TaskOptions(BaseModel):
     base_size: int | None = Field(default=None, ge=256, le=2048, description="Global view in px (v1).")
     image_size: int | None = Field(default=None, ge=256, le=2048, description="Tile size in px (v1).")
     crop_mode: bool | None = Field(default=None, description="Tile large pages.")
+    priority: Priority = Field(
+        default="interactive",
+        description="interactive: starts before this tenant's batch tasks; batch: bulk work that may "
+        "wait for them. Tenants share the workers by their weights whatever the priority.",
+    )
     callback_url: str | None = Field(
         default=None,
         max_length=2000,
@@ -115,6 +123,20 @@ class TaskOptions(BaseModel):
 class Progress(BaseModel):
     pages_done: int = 0
     pages_total: int = 0
+
+
+class TaskUsage(BaseModel):
+    """What a task cost, fixed when it ends (``app.tasks.usage``): the pages recognised and, summed
+    over every recognition of them (retry rungs included), the tokens the engine read and wrote and
+    its seconds, as ``raw/`` records them; and the size of its input. Bytes served by downloads are
+    counted per tenant and day as they are served, not here: a finished record is not rewritten
+    for every download."""
+
+    pages: int = 0  # pages with a stored recognition
+    prompt_tokens: int = 0  # tokens the engine read (image and prompt); 0 where it cannot tell
+    completion_tokens: int = 0  # tokens it generated
+    engine_seconds: float = 0.0  # each page's share of the wall time of the engine calls
+    bytes_in: int = 0  # the uploaded (or fetched) document's size
 
 
 class TaskErrorInfo(BaseModel):
@@ -205,11 +227,18 @@ class TaskRecord(BaseModel):
     model: str | None = None  # the checkpoint that produced the result
     images: list[str] = Field(default_factory=list)  # figure crops under images/, once succeeded
     truncated_pages: list[int] = Field(default_factory=list)  # pages that never reached the end marker
+    suspect_pages: int = 0  # pages still suspect after the retry ladder (app.pipeline.quality)
+    retries: int = 0  # retry rungs run (or read back) for the pages done, summed
     publish: PublishState | None = None  # set when a publish is planned (auto) or asked for
     webhook: WebhookState | None = None  # set when a task with a callback_url ends
-    # A hash of the API key that created the task, never the key (``app.api.deps.owner_of``); a key
-    # sees only its own tasks. None: created with auth off, or before tasks had owners: visible to all.
+    # The owner id of the tenant that created the task (``app.tenants``: an HMAC of an APP_API_KEYS
+    # key, or of a file tenant's name), never a key; every key of that tenant sees it, no other does.
+    # None: created with auth off, or before tasks had owners: visible to all.
     owner: str | None = None
+    # The name of that tenant (``app.tenants.Tenant.name``); None: created with auth off, or before
+    # tenants existed. Quotas, fair share and usage go by it.
+    tenant: str | None = None
+    usage: TaskUsage | None = None  # what it cost, set when it ends (``app.tasks.usage``)
     # The id of the latest event published about this task (``app.tasks.events``); saved before the
     # event goes out, so event ids keep increasing across restarts. 1 stands for "accepted".
     last_event_id: int = 0
@@ -300,13 +329,17 @@ class TaskRecord(BaseModel):
             return True
         return False
 
-    def count_page(self, number: int, *, truncated: bool) -> None:
+    def count_page(self, number: int, *, truncated: bool, suspect: bool = False, retries: int = 0) -> None:
         """The running start has done page ``number``, the next one in order (done now, or read
-        back from an earlier start's raw output)."""
+        back from an earlier start's raw output), after ``retries`` retry rungs, still ``suspect``
+        or not. A start counts from nothing (``progress.pages_done`` 0, no truncated pages, no
+        suspect pages, no retries): pages read back are counted again."""
         self.progress.pages_done += 1
         self.pages_kept = max(self.pages_kept, self.progress.pages_done)
         if truncated and number not in self.truncated_pages:
             self.truncated_pages.append(number)
+        self.suspect_pages += int(suspect)
+        self.retries += retries
 
     def interrupted(self) -> bool:
         """The worker of the latest start died with the task ``running`` (found so by recovery, or by

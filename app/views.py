@@ -53,6 +53,12 @@ class TaskView(BaseModel):
     options: TaskOptions
     pages: list[int] = Field(description="The selected 1-based page numbers.")
     truncated_pages: list[int] = Field(description="Pages that never reached the end marker.")
+    suspect_pages: int = Field(
+        default=0,
+        description="Pages done so far that are still suspect after the retry ladder; each page's "
+        "quality in result.json says why.",
+    )
+    retries: int = Field(default=0, description="Retry attempts the pages done so far needed, summed.")
     model: str | None
     links: TaskLinks
     publish: PublishState | None = Field(
@@ -102,6 +108,8 @@ class TaskView(BaseModel):
             options=record.options,
             pages=record.page_numbers,
             truncated_pages=record.truncated_pages,
+            suspect_pages=record.suspect_pages,
+            retries=record.retries,
             model=record.model,
             links=links,
             publish=record.publish,

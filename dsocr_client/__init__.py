@@ -20,7 +20,7 @@ from dsocr_client.errors import (
     UnsupportedFile,
     WaitTimeout,
 )
-from dsocr_client.models import TaskError
+from dsocr_client.models import PageQuality, ResultPage, TaskError, TenantUsage, Usage, UsageFigures
 
 __all__ = [
     "ApiError",
@@ -33,12 +33,17 @@ __all__ = [
     "DsocrError",
     "InvalidInput",
     "NotFound",
+    "PageQuality",
     "PayloadTooLarge",
     "Progress",
     "QueueFull",
+    "ResultPage",
     "ServerError",
     "Task",
     "TaskError",
+    "TenantUsage",
     "UnsupportedFile",
+    "Usage",
+    "UsageFigures",
     "WaitTimeout",
 ]

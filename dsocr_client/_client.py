@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import ExitStack
+from datetime import date
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,7 +22,7 @@ import httpx
 from httpx_sse import ServerSentEvent, SSEError, aconnect_sse, connect_sse
 
 from dsocr_client.errors import ConnectionFailed, QueueFull, ServerError, WaitTimeout, error_from_response
-from dsocr_client.models import Progress, Task
+from dsocr_client.models import Progress, Task, Usage
 
 Source = str | os.PathLike[str] | IO[bytes]
 """What ``submit`` takes: an ``http(s)://`` URL, a path, or a binary file object."""
@@ -62,6 +63,13 @@ def result_names(formats: Iterable[str], images: Iterable[str]) -> list[str]:
 def _chunk_params(max_tokens: int | None, overlap: int | None, tokenizer: str | None) -> dict[str, Any]:
     params = {"max_tokens": max_tokens, "overlap": overlap, "tokenizer": tokenizer}
     return {name: value for name, value in params.items() if value is not None}
+
+
+def _usage_params(start: date | str | None, end: date | str | None, tenant: str | None) -> dict[str, str]:
+    """``from`` and ``to`` as ``YYYY-MM-DD`` and ``tenant``, each only when given (the server
+    picks the rest)."""
+    given = {"from": start, "to": end, "tenant": tenant}
+    return {name: str(value) for name, value in given.items() if value is not None}
 
 
 def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
@@ -398,6 +406,16 @@ class Client:
         """Cancel a queued task, or a running one at its next page; ``Conflict`` if it already ended."""
         return Task.from_json(self._send("DELETE", f"/v1/tasks/{task_id}").json())
 
+    def usage(
+        self, start: date | str | None = None, end: date | str | None = None, *, tenant: str | None = None
+    ) -> Usage:
+        """What this key's tenant used per UTC day from ``start`` to ``end`` (inclusive; the server's
+        defaults where ``None``: the 30 days up to today); an admin key sees every tenant, or the one
+        ``tenant`` names. Raises ``InvalidInput`` for dates the server refuses, ``ApiError`` (403)
+        for another tenant without an admin key, ``NotFound`` from a server without usage."""
+        params = _usage_params(start, end, tenant)
+        return Usage.from_json(self._send("GET", "/v1/usage", params=params).json())
+
     def list(
         self, status: str | None = None, limit: int | None = None, page_size: int = 100
     ) -> Iterator[Task]:
@@ -585,6 +603,13 @@ class AsyncClient:
     async def cancel(self, task_id: str) -> Task:
         """As ``Client.cancel``."""
         return Task.from_json((await self._send("DELETE", f"/v1/tasks/{task_id}")).json())
+
+    async def usage(
+        self, start: date | str | None = None, end: date | str | None = None, *, tenant: str | None = None
+    ) -> Usage:
+        """As ``Client.usage``."""
+        response = await self._send("GET", "/v1/usage", params=_usage_params(start, end, tenant))
+        return Usage.from_json(response.json())
 
     async def list(
         self, status: str | None = None, limit: int | None = None, page_size: int = 100

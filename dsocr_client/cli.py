@@ -1,4 +1,5 @@
-"""The ``dsocr`` command: convert documents through a dsocr server, run the server, follow tasks.
+"""The ``dsocr`` command: convert or evaluate documents through a dsocr server, run the server,
+follow tasks.
 
 Exit codes: 0 when everything succeeded, 1 when something failed, 2 on a usage error, 130 after
 Ctrl-C. Progress goes to stderr (bars on a terminal, log lines otherwise), results to stdout.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +29,7 @@ from rich.table import Table
 
 from dsocr_client._batch import Batch, Document, Outcome, UsageError, find_documents
 from dsocr_client._client import DEFAULT_FORMATS, FORMAT_FILES, Client, result_names
+from dsocr_client._eval import Evaluation, evaluate, total
 from dsocr_client.errors import DsocrError
 from dsocr_client.models import Progress
 
@@ -50,6 +54,51 @@ class Mode(StrEnum):
     free = "free"
     figure = "figure"
     describe = "describe"
+
+
+class Resolution(StrEnum):
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+    large = "large"
+    gundam = "gundam"
+
+
+ModeOption = Annotated[Mode | None, typer.Option(help="What to ask the model for. (default: document)")]
+ResolutionOption = Annotated[
+    Resolution | None,
+    typer.Option(help="The model's size mode; gundam tiles large pages. (default: the server's)"),
+]
+PagesOption = Annotated[str | None, typer.Option(help='Pages to convert, 1-based: "1-3,7". (default: all)')]
+DpiOption = Annotated[int | None, typer.Option(help="Rendering resolution of PDF pages. (default: 144)")]
+JobsOption = Annotated[int, typer.Option("-j", "--jobs", min=1, help="Documents in flight at once.")]
+
+
+def _task_options(
+    mode: Mode | None, resolution: Resolution | None, pages: str | None, dpi: int | None
+) -> dict[str, str | int | None]:
+    return {
+        "mode": mode.value if mode else None,
+        "resolution": resolution.value if resolution else None,
+        "pages": pages,
+        "dpi": dpi,
+    }
+
+
+def _run_batch(batch: Batch, reporter: BarReporter | LogReporter, err: Console, *, detach: bool) -> bool:
+    """Run ``batch`` under ``reporter``; on Ctrl-C cancel its tasks in flight (unless ``detach``)
+    and return ``True``."""
+    try:
+        if isinstance(reporter, BarReporter):
+            with reporter.bars:
+                batch.run()
+        else:
+            batch.run()
+    except KeyboardInterrupt:
+        err.print("interrupted: " + ("leaving tasks running" if detach else "canceling tasks in flight"))
+        batch.interrupt(cancel=not detach)
+        return True
+    return False
 
 
 class BarReporter:
@@ -133,12 +182,11 @@ def convert(
     ] = Path("dsocr-output"),
     url: UrlOption = None,
     api_key: KeyOption = None,
-    mode: Annotated[Mode | None, typer.Option(help="What to ask the model for. (default: document)")] = None,
-    pages: Annotated[
-        str | None, typer.Option(help='Pages to convert, 1-based: "1-3,7". (default: all)')
-    ] = None,
-    dpi: Annotated[int | None, typer.Option(help="Rendering resolution of PDF pages. (default: 144)")] = None,
-    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="Documents in flight at once.")] = 2,
+    mode: ModeOption = None,
+    resolution: ResolutionOption = None,
+    pages: PagesOption = None,
+    dpi: DpiOption = None,
+    jobs: JobsOption = 2,
     force: Annotated[bool, typer.Option(help="Convert again documents whose results are complete.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary instead of a table.")
@@ -170,21 +218,11 @@ def convert(
     except UsageError as exc:
         raise typer.BadParameter(str(exc), param_hint="PATHS") from exc
     err = Console(stderr=True)
-    options = {"mode": mode.value if mode else None, "pages": pages, "dpi": dpi}
+    options = _task_options(mode, resolution, pages, dpi)
     with Client(url, api_key) as client:
         reporter = BarReporter(err, len(documents)) if err.is_terminal else LogReporter(err)
         batch = Batch(client, documents, options, reporter, jobs=jobs, force=force, formats=chosen)
-        interrupted = False
-        try:
-            if isinstance(reporter, BarReporter):
-                with reporter.bars:
-                    batch.run()
-            else:
-                batch.run()
-        except KeyboardInterrupt:
-            interrupted = True
-            err.print("interrupted: " + ("leaving tasks running" if detach else "canceling tasks in flight"))
-            batch.interrupt(cancel=not detach)
+        interrupted = _run_batch(batch, reporter, err, detach=detach)
     outcomes = sorted(batch.results(), key=lambda o: o.path)  # every document, whatever happened to it
     ok = all(o.status in ("succeeded", "skipped") for o in outcomes)
     if as_json:
@@ -200,6 +238,132 @@ def convert(
     else:
         Console().print(_summary_table(outcomes))
     raise typer.Exit(130 if interrupted else 0 if ok else 1)
+
+
+EVAL_HELP = """Run documents through the server and measure what it made of them,
+without ground truth: per document and in total, pages, pages/s, the share
+of suspect pages by reason, the mean and worst agreement of the text with
+the PDF's text layer, and retries (attempts beyond the first). Compare
+models, resolutions or servers on your own documents.
+
+\b
+--json prints one object:
+  {"ok", "interrupted", "documents": [DOC, ...], "total": TOTAL}
+DOC: {"path", "status", "task_id", "error", "seconds" (server time),
+  "pages_per_second", ...FIGURES}
+TOTAL: {"documents", "succeeded", "failed" (did not succeed),
+  "seconds" (wall-clock of the run), "pages_per_second", ...FIGURES}
+FIGURES: {"pages", "quality_pages" (pages with a quality signal),
+  "suspect_pages", "suspect_share", "reasons": {REASON: {"pages",
+  "share"}}, "agreement_pages", "agreement_mean", "agreement_worst",
+  "retries"}; shares are of quality_pages (0-1), null where nothing
+  was measured, as are agreements.
+
+\b
+Exit 0 when every document ran, 1 when any failed,
+2 on a usage error, 130 after Ctrl-C (which cancels the tasks in flight)."""
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _suspect_cell(figures: dict[str, Any]) -> str:
+    share = figures["suspect_share"]
+    return "-" if share is None else f"{figures['suspect_pages']} ({share:.0%})"
+
+
+def _reasons_cell(figures: dict[str, Any]) -> str:
+    shares = [f"{name} {entry['share']:.0%}" for name, entry in figures["reasons"].items() if entry["pages"]]
+    return ", ".join(shares)
+
+
+def _eval_table(documents: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
+    table = Table(title="dsocr eval")
+    numeric = ("pages", "pages/s", "suspect", "agreement", "worst", "retries")
+    for column in ("document", "status", *numeric[:3], "reasons", *numeric[3:], "error"):
+        table.add_column(column, justify="right" if column in numeric else "left")
+
+    def row(name: str, status: str, figures: dict[str, Any], error: str) -> list[str]:
+        return [
+            name,
+            status,
+            str(figures["pages"]),
+            _number(figures["pages_per_second"], 2),
+            _suspect_cell(figures),
+            _reasons_cell(figures),
+            _number(figures["agreement_mean"]),
+            _number(figures["agreement_worst"]),
+            str(figures["retries"]),
+            error,
+        ]
+
+    for index, document in enumerate(documents):
+        cells = row(Path(document["path"]).name, document["status"], document, document["error"] or "")
+        table.add_row(*cells, end_section=index == len(documents) - 1)
+    status = f"{summary['succeeded']}/{summary['documents']} succeeded"
+    table.add_row(*row("total", status, summary, ""))
+    return table
+
+
+@cli.command(name="eval", help=EVAL_HELP)
+def eval_(
+    paths: Annotated[
+        list[str], typer.Argument(help="Files, folders (searched recursively for PDFs and images) or globs.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Keep each document's result.json in OUTPUT/<name>/. (default: discard)"
+        ),
+    ] = None,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    mode: ModeOption = None,
+    resolution: ResolutionOption = None,
+    pages: PagesOption = None,
+    dpi: DpiOption = None,
+    jobs: JobsOption = 2,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (shape above) instead of a table.")
+    ] = False,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="dsocr-eval-") as scratch:
+        try:
+            documents = find_documents(paths, output or Path(scratch))
+        except UsageError as exc:
+            raise typer.BadParameter(str(exc), param_hint="PATHS") from exc
+        err = Console(stderr=True)
+        options = _task_options(mode, resolution, pages, dpi)
+        started = time.monotonic()
+        with Client(url, api_key) as client:
+            reporter = BarReporter(err, len(documents)) if err.is_terminal else LogReporter(err)
+            # Always run again (force): a result left by an earlier run would measure nothing now.
+            # Only result.json is fetched (formats=()): it holds every figure measured here.
+            batch = Batch(client, documents, options, reporter, jobs=jobs, force=True, formats=())
+            interrupted = _run_batch(batch, reporter, err, detach=False)
+        wall_seconds = time.monotonic() - started
+        evaluations = evaluate(sorted(batch.results(), key=lambda o: o.path))
+    _print_evaluation(evaluations, wall_seconds, interrupted, as_json=as_json, err=err)
+    ok = all(evaluation.outcome.status == "succeeded" for evaluation in evaluations)
+    raise typer.Exit(130 if interrupted else 0 if ok else 1)
+
+
+def _print_evaluation(
+    evaluations: list[Evaluation], wall_seconds: float, interrupted: bool, *, as_json: bool, err: Console
+) -> None:
+    documents = [evaluation.to_json() for evaluation in evaluations]
+    summary = total(evaluations, wall_seconds)
+    if summary["pages"] and not summary["quality_pages"]:
+        err.print("note: this server's pages carry no quality signal (it predates it)")
+    if as_json:
+        ok = summary["succeeded"] == summary["documents"]
+        report = {"ok": ok, "interrupted": interrupted, "documents": documents, "total": summary}
+        typer.echo(json.dumps(report, indent=2))
+        return
+    # Wide enough for every column when stdout is a file or a pipe (rich assumes 80 there).
+    out = Console() if Console().is_terminal else Console(width=200)
+    out.print(_eval_table(documents, summary))
 
 
 @cli.command()

@@ -70,3 +70,32 @@ def huge_page_pdf(side_points: float = 14400) -> bytes:
     data = doc.tobytes()
     doc.close()
     return data
+
+
+# Pages with a text layer the service compares the model's text with (issue 17), and answers
+# the tiny model is scripted to give for them.
+READ_WELL = (
+    "Every page of this report is read by the service and checked word by word against the text "
+    "layer that the authoring tool wrote into the file when the report was made"
+)
+READ_BADLY = (
+    "A second paragraph speaks of harbours and lighthouses along a northern coast where ships wait "
+    "for the tide before they sail into the narrow channel at dawn"
+)
+ANSWER_WELL = f"<|ref|>text<|/ref|><|det|>[[80, 80, 900, 200]]<|/det|>\n{READ_WELL}"
+# More tokens than the token cap the tests give the server (300): the page never reaches its end
+# marker (so it is suspect), and none of its words are on the page either.
+RUNAWAY = "<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\nWords without end: " + " ".join(
+    f"w{n}" for n in range(300)
+)
+
+
+def text_pdf(*paragraphs: str) -> bytes:
+    """A4 pages, one paragraph each, as a text layer the server can compare the model's text with."""
+    doc = pymupdf.open()
+    for paragraph in paragraphs:
+        page = doc.new_page(width=595, height=842)
+        page.insert_textbox(pymupdf.Rect(72, 72, 523, 400), paragraph, fontsize=11)
+    data = doc.tobytes()
+    doc.close()
+    return data

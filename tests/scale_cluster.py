@@ -216,6 +216,9 @@ class Cluster:
             "APP_DS_MAX_NEW_TOKENS": "48",
             "APP_DS_BATCH_SIZE": "1",
             "APP_API_KEYS": API_KEY,
+            # Random weights cut at 48 tokens leave every page suspect, and each would be asked for
+            # again; tests/test_retry_ladder.py shows a resumed task keeps its retries too.
+            "APP_PAGE_RETRIES": "0",
             "APP_LOG_LEVEL": "info",
             "APP_MAX_WORKERS": "1",
             "APP_QUEUE_MAX": "1000",

@@ -1,4 +1,5 @@
-"""The ``dsocr`` command as a subprocess against a real server: a folder, a re-run, JSON, Ctrl-C."""
+"""The ``dsocr`` command as a subprocess against a real server: a folder, a re-run, JSON, Ctrl-C,
+and ``dsocr eval``'s figures against the results they come from."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.documents import make_pdf, png_bytes
+from dsocr_client.models import SUSPECT_REASONS
+from tests.documents import ANSWER_WELL, READ_BADLY, READ_WELL, RUNAWAY, make_pdf, png_bytes, text_pdf
 from tests.proxy import LONGER_THAN_KEEP_ALIVE, EventStreamProxy, a_page_done
 from tests.servers import wait_for
 from tests.test_api_e2e import PAGE_1
@@ -251,3 +254,116 @@ def test_ctrl_c_with_detach_lists_every_document(make_server, tmp_path):
     assert by_name["next.pdf"]["status"] == "canceled"
     assert by_name["next.pdf"]["error"] == "interrupted before it was sent"
     assert (summary["running"], summary["canceled"]) == (1, 1)
+
+
+# --- dsocr eval ---------------------------------------------------------------------------------
+
+
+# Two paragraphs of well over the 20 words a text layer needs before the server compares with it
+# (app/pipeline/quality.py MIN_LAYER_TOKENS).
+def expected_figures(pages: list[dict]) -> dict:
+    """What ``dsocr eval`` must report for these result.json pages, worked out here on its own."""
+    quality = [page["quality"] for page in pages]
+    agreements = [q["text_layer_agreement"] for q in quality if q["text_layer_agreement"] is not None]
+    reasons = {reason for q in quality for reason in q["reasons"]}
+    return {
+        "pages": len(pages),
+        "suspect_pages": sum(q["suspect"] for q in quality),
+        "suspect_share": sum(q["suspect"] for q in quality) / len(pages),
+        "reasons": {r: sum(r in q["reasons"] for q in quality) for r in reasons},
+        "agreement_mean": sum(agreements) / len(agreements) if agreements else None,
+        "agreement_worst": min(agreements) if agreements else None,
+        "retries": sum(q["attempts"] - 1 for q in quality),
+    }
+
+
+def assert_figures(reported: dict, expected: dict) -> None:
+    assert reported["pages"] == reported["quality_pages"] == expected["pages"]
+    assert reported["suspect_pages"] == expected["suspect_pages"]
+    assert reported["suspect_share"] == pytest.approx(expected["suspect_share"], abs=1e-4)
+    counted = {name: entry["pages"] for name, entry in reported["reasons"].items() if entry["pages"]}
+    assert counted == expected["reasons"]
+    for name, entry in reported["reasons"].items():
+        assert entry["share"] == pytest.approx(entry["pages"] / expected["pages"], abs=1e-4), name
+    for key in ("agreement_mean", "agreement_worst"):
+        wanted = expected[key]
+        assert reported[key] == (None if wanted is None else pytest.approx(wanted, abs=1e-4)), key
+    assert reported["retries"] == expected["retries"]
+
+
+def test_eval_reports_what_the_results_say_per_document_and_in_total(make_server, tmp_path):
+    # Sequences are scripted in order (one document at a time, one page per batch): report.pdf's
+    # page 1 reads well, its page 2 runs away on the first attempt and on the retry; the photo
+    # then gets the first answer again.
+    server = make_server(
+        answers=[ANSWER_WELL, RUNAWAY, RUNAWAY],
+        ds_max_new_tokens=300,
+        ds_batch_size=1,
+        page_retries=1,
+    )
+    (tmp_path / "report.pdf").write_bytes(text_pdf(READ_WELL, READ_BADLY))
+    (tmp_path / "photo.png").write_bytes(png_bytes())
+    (tmp_path / "broken.pdf").write_bytes(CORRUPT_PDF)
+
+    ran = dsocr("eval", "report.pdf", "photo.png", "-j", "1", "--json", url=server.url, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["ok"] is True
+    by_name = {Path(d["path"]).name: d for d in report["documents"]}
+    results = {
+        name: server.client.get(f"/v1/tasks/{d['task_id']}/result.json").json() for name, d in by_name.items()
+    }
+    pdf_pages = results["report.pdf"]["pages"]
+    assert pdf_pages[1]["quality"]["suspect"] is True  # the run is what the test means it to be
+    assert pdf_pages[1]["quality"]["attempts"] == 2
+    assert pdf_pages[0]["quality"]["text_layer_agreement"] > 0.9
+    assert results["photo.png"]["pages"][0]["quality"]["text_layer_agreement"] is None
+    for name, document in by_name.items():
+        assert document["status"] == "succeeded"
+        assert_figures(document, expected_figures(results[name]["pages"]))
+        assert document["seconds"] == results[name]["duration_seconds"]
+        assert document["pages_per_second"] == pytest.approx(
+            len(results[name]["pages"]) / results[name]["duration_seconds"], abs=1e-3
+        )
+    every_page = [page for result in results.values() for page in result["pages"]]
+    summary = report["total"]
+    assert_figures(summary, expected_figures(every_page))
+    assert (summary["documents"], summary["succeeded"], summary["failed"]) == (2, 2, 0)
+    assert summary["pages_per_second"] == pytest.approx(summary["pages"] / summary["seconds"], abs=1e-3)
+    assert summary["reasons"]["no_end_marker"] == {"pages": 1, "share": pytest.approx(1 / 3, abs=1e-4)}
+
+    # The table, with a document that fails: exit 1, the failure named, the totals of the others.
+    table = dsocr("eval", "report.pdf", "broken.pdf", "-j", "1", url=server.url, cwd=tmp_path)
+    assert table.returncode == 1, table.stderr
+    lines = table.stdout.splitlines()
+    broken = next(line for line in lines if "broken.pdf" in line)
+    assert "failed" in broken
+    assert "invalid_document" in broken
+    report_row = next(line for line in lines if "report.pdf" in line).split("│")
+    cells = [cell.strip() for cell in report_row]
+    tasks = server.client.get("/v1/tasks").json()["tasks"]  # newest first
+    latest = next(task for task in tasks if task["source"]["filename"] == "report.pdf")
+    again = expected_figures(server.client.get(f"/v1/tasks/{latest['task_id']}/result.json").json()["pages"])
+    assert again["suspect_pages"] >= 1
+    assert cells[3] == "2"  # pages
+    assert cells[5] == f"{again['suspect_pages']} ({again['suspect_share']:.0%})"
+    reasons = [
+        f"{name} {again['reasons'][name] / 2:.0%}" for name in SUSPECT_REASONS if name in again["reasons"]
+    ]
+    assert cells[6] == ", ".join(reasons)
+    assert cells[7] == f"{again['agreement_mean']:.3f}"
+    assert cells[8] == f"{again['agreement_worst']:.3f}"
+    assert cells[9] == str(again["retries"])
+    total_row = [cell.strip() for cell in next(line for line in lines if "total" in line).split("│")]
+    assert total_row[2] == "1/2 succeeded"
+
+
+def test_eval_usage_errors_exit_2(tmp_path):
+    missing = dsocr("eval", "nothing-here/*.pdf", url="http://127.0.0.1:9", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "no documents found" in missing.stderr
+    assert dsocr("eval", "--resolution", "huge", ".", url="http://127.0.0.1:9", cwd=tmp_path).returncode == 2
+    shown = dsocr("eval", "--help", url="http://127.0.0.1:9", cwd=tmp_path)
+    assert shown.returncode == 0
+    assert '"suspect_share"' in shown.stdout  # the --json shape is documented in the help
+    assert "Exit 0 when every document ran, 1 when any failed" in shown.stdout

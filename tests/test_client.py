@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import io
 import threading
 import time
@@ -24,7 +26,7 @@ from dsocr_client import (
     WaitTimeout,
 )
 from dsocr_client._client import MAX_STREAM_FAILURES
-from tests.documents import make_pdf, png_bytes
+from tests.documents import ANSWER_WELL, READ_BADLY, READ_WELL, RUNAWAY, make_pdf, png_bytes, text_pdf
 from tests.proxy import LONGER_THAN_KEEP_ALIVE, EventStreamProxy, a_page_done
 from tests.servers import wait_for
 from tests.test_api_e2e import PAGE_1, PAGE_2, PAGE_3
@@ -289,3 +291,47 @@ async def test_the_async_client_does_the_same(make_server, tmp_path):
         assert [t.task_id async for t in client.list()] == [task.task_id]
         with pytest.raises(NotFound):
             await client.get("no-such-task")
+
+
+def test_pages_carry_their_quality_and_usage_counts_what_the_tasks_did(make_server, tmp_path):
+    # Page 2 runs away (no retries here): the server marks it suspect, and the client reads why.
+    server = make_server(
+        answers=[ANSWER_WELL, RUNAWAY], ds_max_new_tokens=300, ds_batch_size=1, page_retries=0
+    )
+    path = tmp_path / "report.pdf"
+    path.write_bytes(text_pdf(READ_WELL, READ_BADLY))
+    today = datetime.datetime.now(datetime.UTC).date()
+    with Client(server.url, "sk_test") as client:
+        done = client.wait(client.submit(path).task_id, timeout=120)
+        assert (done.status, done.suspect_pages) == ("succeeded", 1)
+        assert client.get(done.task_id).result_pages == []  # a task view lists page numbers only
+        result = client.download(done.task_id, tmp_path / "out", formats=())
+        assert [page.page for page in result.result_pages] == [1, 2]
+        good, bad = (page.quality for page in result.result_pages)
+        assert good is not None
+        assert bad is not None
+        assert (good.suspect, good.reasons, good.attempts) == (False, (), 1)
+        assert good.text_layer_agreement is not None
+        assert good.text_layer_agreement > 0.9
+        assert bad.suspect
+        assert "no_end_marker" in bad.reasons
+        assert result.result_pages[1].truncated
+
+        usage = client.usage(today, str(today))  # a date or its ISO text
+        wire = server.client.get("/v1/usage", params={"from": str(today), "to": str(today)}).json()
+    assert (usage.start, usage.end) == (str(today), str(today))
+    [tenant] = usage.tenants
+    assert tenant.tenant == wire["tenants"][0]["tenant"]
+    assert (tenant.total.tasks, tenant.total.pages) == (1, 2)
+    assert [day.date for day in tenant.days] == [str(today)]
+    assert tenant.days[0].pages == 2
+    assert tenant.total.completion_tokens == wire["tenants"][0]["total"]["completion_tokens"] > 0
+    assert tenant.total.engine_seconds == wire["tenants"][0]["total"]["engine_seconds"] > 0
+
+    async def read_async() -> None:
+        async with AsyncClient(server.url, "sk_test") as aclient:
+            assert (await aclient.usage(today, today)).tenants == usage.tenants
+            with pytest.raises(InvalidInput):
+                await aclient.usage("not-a-date")
+
+    asyncio.run(read_async())

@@ -5,6 +5,8 @@ nothing."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
 import shutil
 import zipfile
@@ -17,7 +19,17 @@ import pymupdf
 import pytest
 
 from tests.conftest import CHROMIUM
-from tests.documents import PICTURE_RECT, make_pdf, norm_box, png_bytes
+from tests.documents import (
+    ANSWER_WELL,
+    PICTURE_RECT,
+    READ_BADLY,
+    READ_WELL,
+    make_pdf,
+    norm_box,
+    png_bytes,
+    text_pdf,
+)
+from tests.test_api_e2e import PAGE_2 as TABLE_PAGE
 from tests.test_api_e2e import finished, upload
 from tests.test_shared_backends import shared_settings
 
@@ -338,7 +350,8 @@ def test_a_scaled_out_service_that_redirects_downloads_still_serves_the_console(
 
 @needs_chromium
 def test_hostile_model_output_runs_nothing(make_server, console):
-    server = make_server(answers=[HOSTILE, ENDLESS], ds_max_new_tokens=300, ds_batch_size=1)
+    # No retry ladder: a retry of the endless page would get the next scripted answer and finish.
+    server = make_server(answers=[HOSTILE, ENDLESS], ds_max_new_tokens=300, ds_batch_size=1, page_retries=0)
     tab = console(server.url)
     page = tab.page
     tab.open()
@@ -523,3 +536,134 @@ def test_console_can_be_switched_off(make_server):
         module = client.get("/ui/app.js")
         assert module.headers["content-type"].startswith(("text/javascript", "application/javascript"))
         assert module.headers["content-security-policy"] == index.headers["content-security-policy"]
+
+
+# --- issue 17: how far to trust each page; issue 18: the tenant's usage -------------------------
+
+
+@needs_chromium
+def test_suspect_pages_are_marked_with_their_reasons_and_can_be_picked_alone(make_server, console):
+    # Page 2 runs away (no retries here): suspect for want of an end marker; pages 1 and 3 read
+    # the words of their text layer.
+    server = make_server(
+        answers=[ANSWER_WELL, ENDLESS, ANSWER_WELL], ds_max_new_tokens=300, ds_batch_size=1, page_retries=0
+    )
+    view = upload(server.client, text_pdf(READ_WELL, READ_BADLY, READ_WELL), name="report.pdf").json()
+    task_id = view["task_id"]
+    assert finished(server.client, task_id)["suspect_pages"] == 1
+    result = server.client.get(f"/v1/tasks/{task_id}/result.json").json()
+    quality = {entry["page"]: entry["quality"] for entry in result["pages"]}
+    assert [quality[n]["suspect"] for n in (1, 2, 3)] == [False, True, False]
+
+    tab = console(server.url)
+    page = tab.page
+    tab.open()
+    tab.sign_in("sk_test")
+    row = page.locator(f".task[data-task-id='{task_id}']")
+    row.locator(".task__meta", has_text="1 suspect page(s)").wait_for()
+
+    page.goto(f"{server.url}/ui/#/tasks/{task_id}/1")
+    page.wait_for_selector("label[for='suspect-only']:not([hidden])")
+    assert page.locator("#task .task__meta").inner_text().endswith("1 suspect page(s)")
+    assert page.locator("label[for='suspect-only']").inner_text().strip() == "Suspect pages only (1)"
+    options = page.locator("#page-select option").all_inner_texts()
+    agreement = {n: f"agreement {round(quality[n]['text_layer_agreement'] * 100)}%" for n in (1, 2, 3)}
+    assert options == [
+        f"Page 1 · {agreement[1]}",
+        f"Page 2 · {agreement[2]} ⚠ suspect ⚠ truncated",
+        f"Page 3 · {agreement[3]}",
+    ]
+    note = page.locator(".quality")
+    assert note.inner_text() == f"Agreement with the PDF's text layer: {agreement[1].split()[-1]}."
+
+    # The filter: only the suspect page is left to pick, and it is shown with its reasons.
+    tab.tab_to("#suspect-only")
+    page.keyboard.press("Space")
+    page.wait_for_function("() => location.hash.endsWith('/2')")
+    assert page.locator("#page-select option").evaluate_all("options => options.map(o => o.value)") == ["2"]
+    assert page.locator(".pagebar .muted").inner_text() == "1 of 3 page(s)"
+    assert page.locator(".pagebar button:has-text('Next')").is_disabled()
+    suspect = page.locator(".quality--suspect")
+    suspect.wait_for()
+    assert suspect.locator(".quality__mark").inner_text() == "⚠ Suspect page"
+    reasons = suspect.locator(".quality__reasons li")
+    assert reasons.evaluate_all("items => items.map(li => li.dataset.reason)") == quality[2]["reasons"]
+    ended = suspect.locator("li[data-reason='no_end_marker']").inner_text()
+    assert ended == "the model never reached its end marker (no_end_marker)"
+    page.wait_for_selector(".rendered .block")
+
+    page.uncheck("#suspect-only")  # every page again, still on page 2
+    page.wait_for_function("() => document.querySelectorAll('#page-select option').length === 3")
+    assert page.input_value("#page-select") == "2"
+    page.click(".pagebar button:has-text('Next')")
+    page.wait_for_function("() => location.hash.endsWith('/3')")
+    page.wait_for_selector(".quality:not(.quality--suspect)")
+
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.wait_for_function("() => document.documentElement.clientWidth === 375")
+    assert tab.no_horizontal_scroll()
+    assert tab.errors == []
+
+
+@needs_chromium
+def test_the_usage_panel_shows_the_tenants_days_and_totals(make_server, console, tmp_path):
+    # sk_test is a user tenant of its own (APP_API_KEYS); sk_ops an admin one from the tenants file.
+    tenants = tmp_path / "tenants.yaml"
+    ops_key = "sha256:" + hashlib.sha256(b"sk_ops").hexdigest()
+    tenants.write_text(f'tenants:\n  - name: ops\n    keys: ["{ops_key}"]\n    role: admin\n')
+    server = make_server(answers=[TABLE_PAGE], tenants_file=tenants)
+    task_id = upload(server.client, make_pdf(2, picture_page=None)).json()["task_id"]
+    assert finished(server.client, task_id)["status"] == "succeeded"
+    today = datetime.datetime.now(datetime.UTC).date()
+    window = {"from": str(today - datetime.timedelta(days=29)), "to": str(today)}
+    usage = server.client.get("/v1/usage", params=window).json()
+    [tenant] = usage["tenants"]
+    assert tenant["total"]["pages"] == 2  # the figures the panel must show are the task's own
+
+    tab = console(server.url)
+    page = tab.page
+    tab.open()
+    tab.sign_in("sk_test")
+    table = page.locator(f"#usage:not([hidden]) .usage__table[data-tenant='{tenant['tenant']}']")
+    table.wait_for()
+    assert table.locator("caption").inner_text() == tenant["tenant"]
+    days = sorted(tenant["days"], key=lambda day: day["date"], reverse=True)
+    shown = table.locator("tbody tr").evaluate_all("rows => rows.map(r => r.dataset.date)")
+    assert shown == [day["date"] for day in days]
+    assert str(today) in shown
+    for field in ("tasks", "pages", "prompt_tokens", "completion_tokens"):
+        assert table.locator(f"tbody tr[data-date='{today}'] td[data-field='{field}']").inner_text() == (
+            f"{next(d for d in days if d['date'] == str(today))[field]:,}"
+        )
+        assert table.locator(f"tfoot td[data-field='{field}']").inner_text() == f"{tenant['total'][field]:,}"
+    assert table.locator("tfoot td[data-field='tasks']").inner_text() == "1"
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.wait_for_function("() => document.documentElement.clientWidth === 375")
+    assert tab.no_horizontal_scroll()  # the wide table scrolls in its own box
+    assert page.locator(".usage__table").count() == 1  # a user key sees its own tenant only
+    assert tab.errors == []
+
+    admin = console(server.url)
+    admin.open()
+    admin.sign_in("sk_ops")
+    admin.page.locator(".usage__table[data-tenant='ops']").wait_for()
+    listed = admin.page.locator(".usage__table").evaluate_all("tables => tables.map(t => t.dataset.tenant)")
+    assert sorted(listed) == sorted([tenant["tenant"], "ops"])  # an admin key sees every tenant
+    theirs = admin.page.locator(f".usage__table[data-tenant='{tenant['tenant']}']")
+    assert theirs.locator("tfoot td[data-field='pages']").inner_text() == "2"
+    idle = admin.page.locator(".usage__table[data-tenant='ops'] tbody")
+    assert idle.inner_text().strip() == "Nothing in these days."
+    assert admin.errors == []
+
+    # A server older than usage accounting answers 404: the panel stays hidden, nothing breaks.
+    older = console(server.url)
+    older.context.route(
+        "**/v1/usage?*",
+        lambda route: route.fulfill(status=404, json={"detail": "Not Found"}),
+    )
+    older.open()
+    older.sign_in("sk_test")
+    older.page.wait_for_selector("#home:not([hidden]) .task")
+    older.page.wait_for_timeout(300)  # the usage request has been answered by now
+    assert older.page.locator("#usage").is_hidden()
+    assert [e for e in older.errors if "status of 404" not in e] == []

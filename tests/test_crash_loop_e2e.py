@@ -101,6 +101,9 @@ def service_env(tiny_model_dir: Path, data_dir: Path) -> dict[str, str]:
         "APP_DS_MAX_NEW_TOKENS": "48",
         "APP_DS_BATCH_SIZE": "1",
         "APP_API_KEYS": "sk_test",
+        # Random weights cut at 48 tokens leave every page suspect, and each would be asked for
+        # again; tests/test_retry_ladder.py shows a resumed task keeps its retries too.
+        "APP_PAGE_RETRIES": "0",
         "APP_LOG_LEVEL": "warning",
     }
 

@@ -15,10 +15,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, get_args
 from urllib.parse import urlsplit
 
@@ -35,6 +36,8 @@ from pydantic import SecretStr
 from app.api.tasks import CONVERT_MAX_WAIT_SECONDS
 from app.api.tasks import router as tasks_router
 from app.config import Settings
+from app.tasks.redis_queue import HELD_COUNT, WAITING_COUNT
+from app.tenants import Tenants, hash_key
 from tests.servers import REPO, free_port
 
 DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.vllm")
@@ -535,13 +538,12 @@ def test_env_example_and_chart_cover_every_setting() -> None:
     assert set(env_example()) == SETTINGS
     values = chart_values()
     plain, secret = ({env_name(key) for key in values[group]} for group in ("settings", "secretSettings"))
-    from_chart = (
-        {v["name"] for v in container(render({"auth": {"apiKeys": ["sk_a"]}}))["env"]} - plain - secret
-    )
-    assert from_chart == {"APP_HOST", "APP_PORT", "APP_DATA_DIR", "APP_API_KEYS"}
+    keyed = {"auth": {"apiKeys": ["sk_a"]}, **TENANTS}
+    from_chart = {v["name"] for v in container(render(keyed))["env"]} - plain - secret
+    assert from_chart == {"APP_HOST", "APP_PORT", "APP_DATA_DIR", "APP_API_KEYS", "APP_TENANTS_FILE"}
     # Scale-out: the chart also sets each pod's role and the shared queue and storage.
     scaled = {"APP_ROLE", "APP_QUEUE_BACKEND", "APP_STORAGE_BACKEND", "APP_REDIS_URL"}
-    for deployment in deployments(render_documents(SCALE_OUT_VARIANTS["scale-out"])).values():
+    for deployment in deployments(render_documents({**SCALE_OUT_VARIANTS["scale-out"], **TENANTS})).values():
         (main,) = deployment["spec"]["template"]["spec"]["containers"]
         assert {v["name"] for v in main["env"]} - plain - secret == from_chart | scaled
     documented = plain | secret | from_chart | scaled
@@ -594,10 +596,14 @@ FULLNAME = f"{RELEASE}-dsocr"
 # Where the workflow pushes, for an owner (the chart requires image.repository; render() adds it).
 REPOSITORY = "ghcr.io/example/dsocr-server"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# The tenants file from a Secret of the user's, under a key other than the chart's default.
+TENANTS: dict[str, Any] = {"tenants": {"existingSecret": "dsocr-tenants", "secretKey": "teams.yaml"}}
 CHART_VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "api-keys": {"auth": {"apiKeys": ["sk_a", "sk_b"]}},
     "existing-secret": {"auth": {"existingSecret": "dsocr-keys", "secretKey": "keys"}},
+    "tenants": TENANTS,
+    "tenants-and-api-keys": {"auth": {"apiKeys": ["sk_a"]}, "tenants": {"existingSecret": "dsocr-tenants"}},
     "gpu": {"gpu": 1, "runtimeClassName": "nvidia", "tolerations": [GPU_TOLERATION]},
     "ingress": {
         "ingress": {
@@ -657,8 +663,9 @@ SCALE_OUT_VARIANTS: dict[str, dict[str, Any]] = {
         **SCALE_OUT,
         "redis": {"url": "rediss://redis.example.com:6380/2"},
         "worker": {"autoscaling": {"keda": {"enabled": True, "lagCount": 10}}},
-        # The workers' own Hugging Face cache on a claim they share, and a link key of one's own.
+        # The workers' own Hugging Face cache on a claim they share, a link key of one's own, tenants.
         "modelCache": {"enabled": True, "existingClaim": "hf-cache"},
+        **TENANTS,
         "secretSettings": {
             **SCALE_OUT["secretSettings"],
             "linkSecret": {"name": "dsocr-links", "key": "key"},
@@ -734,6 +741,7 @@ def test_chart_renders_valid_manifests(variant: str) -> None:
     assert main["imagePullPolicy"] == expected_pull_policy(values, main["image"])
     check_data_volume(values, manifests, pod)
     check_api_keys(values, manifests, main)
+    check_tenants(values, pod)
 
     service = manifests["Service"]
     assert (
@@ -769,8 +777,7 @@ def validate_manifests(manifests: Iterable[dict[str, Any]]) -> None:
 
 
 def check_data_volume(values: dict[str, Any], manifests: dict[str, Any], pod: dict[str, Any]) -> None:
-    (mount,) = container(manifests)["volumeMounts"]
-    assert mount["mountPath"] == "/data"
+    (mount,) = [m for m in container(manifests)["volumeMounts"] if m["mountPath"] == "/data"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     persistence = values.get("persistence", {})
     if persistence.get("enabled") is False:
@@ -798,6 +805,45 @@ def check_api_keys(values: dict[str, Any], manifests: dict[str, Any], main: dict
         assert secret["stringData"]["api-keys"] == ",".join(auth["apiKeys"])
     else:
         assert keys == []
+
+
+def check_tenants(values: dict[str, Any], pod: dict[str, Any]) -> None:
+    """With tenants.existingSecret the pod reads APP_TENANTS_FILE from that Secret's key, mounted
+    read-only as a directory; without it, neither the variable nor the volume.
+
+    A subPath mount would pin the file the container started with: the kubelet updates a Secret
+    volume by swapping its ``..data`` link, which a subPath bind mount never follows (Kubernetes'
+    Secret docs: "A container using a Secret as a subPath volume mount does not receive automated
+    Secret updates"), and the reload would never see a change.
+    """
+    (main,) = pod["containers"]
+    files = [v["value"] for v in main["env"] if v["name"] == "APP_TENANTS_FILE"]
+    tenants = values.get("tenants", {})
+    secret = tenants.get("existingSecret")
+    from_secret = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret]
+    if not secret:
+        assert files == []
+        assert "tenants" not in {v["name"] for v in pod["volumes"]}
+        return
+    (path,) = files
+    (volume,) = from_secret
+    (mount,) = [m for m in main["volumeMounts"] if m["name"] == volume["name"]]
+    assert "subPath" not in mount
+    assert "subPathExpr" not in mount
+    assert mount["readOnly"] is True
+    (item,) = volume["secret"]["items"]  # that key alone, not whatever else the Secret holds
+    assert item["key"] == tenants.get("secretKey", chart_values()["tenants"]["secretKey"])
+    assert PurePosixPath(path) == PurePosixPath(mount["mountPath"]) / item["path"]
+    # No other volume lies over it, and it lies over none: /data and /models stay whole.
+    others = [PurePosixPath(m["mountPath"]) for m in main["volumeMounts"] if m is not mount]
+    directory = PurePosixPath(mount["mountPath"])
+    assert not any(o == directory or o in directory.parents or directory in o.parents for o in others)
+    # The service reads it: the kubelet gives a Secret volume's files the pod's fsGroup as their
+    # group, and the container's processes that group as a supplementary one; the owner is root.
+    mode = volume["secret"]["defaultMode"]
+    readable_by_group = mode & 0o040 and pod["securityContext"].get("fsGroup") is not None
+    assert readable_by_group or mode & 0o004
+    assert not mode & 0o222  # nobody writes it
 
 
 def deployments(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -836,7 +882,8 @@ def test_scale_out_renders_api_and_worker_deployments(
         volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
         assert volumes.pop("data") == {"name": "data", "emptyDir": {}}
         check_model_cache(values, named, pod, holds_model=role == "worker")
-        assert not volumes.keys() - {"model-cache"}
+        check_tenants(values, pod["spec"])  # the workers too: weights and webhook secrets are theirs
+        assert not volumes.keys() - {"model-cache", "tenants"}
         check_link_secret(values, named, main)
         settings = settings_from_environment(pod_environment(pod["spec"]), monkeypatch, tmp_path)
         assert settings.role == role
@@ -928,9 +975,8 @@ def check_autoscaler(
         assert spec["maxReplicaCount"] == autoscaling.get("maxReplicas", 4)
         lag, pending = spec["triggers"]
         for trigger in (lag, pending):
-            assert trigger["type"] == "redis-streams"
+            assert trigger["type"] == "redis"  # KEDA's list scaler: LLEN of the queue's counts
             metadata = trigger["metadata"]
-            assert (metadata["stream"], metadata["consumerGroup"]) == ("dsocr:queue", "workers")
             assert all(isinstance(value, str) for value in metadata.values())  # KEDA takes strings
             if keda.get("redisAddress"):
                 assert metadata["address"] == keda["redisAddress"]
@@ -941,9 +987,11 @@ def check_autoscaler(
                 assert metadata["enableTLS"] == str(url.scheme == "rediss").lower()
             if keda.get("authenticationRef"):
                 assert trigger["authenticationRef"] == {"name": keda["authenticationRef"]}
-        assert lag["metadata"]["lagCount"] == str(keda.get("lagCount", 4))
+        assert lag["metadata"]["listName"] == WAITING_COUNT
+        assert pending["metadata"]["listName"] == HELD_COUNT
+        assert lag["metadata"]["listLength"] == str(keda.get("lagCount", 4))
         max_workers = values["settings"].get("maxWorkers", chart_values()["settings"]["maxWorkers"])
-        assert pending["metadata"]["pendingEntriesCount"] == str(max_workers)  # the tasks a worker runs
+        assert pending["metadata"]["listLength"] == str(max_workers)  # the tasks a worker runs
     for autoscaler in autoscalers:
         spec = autoscaler["spec"]
         assert spec["scaleTargetRef"] == target
@@ -1180,6 +1228,171 @@ def test_model_cache_keeps_the_weights_on_a_claim(cache: dict[str, Any]) -> None
     # The records and results stay on the data claim.
     (data,) = [v for v in pod["spec"]["volumes"] if v["name"] == "data"]
     assert data["persistentVolumeClaim"]["claimName"] == FULLNAME
+
+
+# --- tenants --------------------------------------------------------------------------------------
+
+
+def notes(values: dict[str, Any]) -> str:
+    """What `helm install` prints after installing ``values`` (templates/NOTES.txt)."""
+    with helm_python.Chart.load(CHART) as chart:
+        rendered = chart.render(values=with_repository(values), name=RELEASE, namespace="dsocr")
+    return rendered["dsocr/templates/NOTES.txt"]
+
+
+@pytest.mark.parametrize(
+    "variant", ["defaults", "api-keys", "existing-secret", "tenants", "tenants-and-api-keys"]
+)
+def test_notes_warn_of_an_open_api_only_without_keys_or_tenants(variant: str) -> None:
+    text = notes(CHART_VARIANTS[variant])
+    open_api = variant == "defaults"
+    assert ("WARNING: no API keys are set" in text) == open_api
+    assert ('-H "Authorization: Bearer <key>"' in text) != open_api
+    if "tenants" in variant:
+        assert f"secret/{CHART_VARIANTS[variant]['tenants']['existingSecret']}" in text
+
+
+def test_tenants_secret_is_readable_without_an_fs_group() -> None:
+    # Helm deletes a default that the user's values set to null: the pod then has no fsGroup, the
+    # kubelet leaves the files root's, and only a world-readable mode lets uid 10001 read them.
+    values = {**TENANTS, "podSecurityContext": {"fsGroup": None}}
+    assert lint_findings(values) == []
+    manifests = render(values)
+    validate_manifests(manifests.values())
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    assert "fsGroup" not in pod["securityContext"]
+    check_tenants(values, pod)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tenants"]
+    assert volume["secret"]["defaultMode"] == 0o444
+
+
+def kubelet_write_secret_volume(directory: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (path -> content) into a Secret volume's ``directory`` as the kubelet does,
+    at the pod's start and at every change of the Secret.
+
+    The kubelet's AtomicWriter (kubernetes pkg/volume/util/atomic_writer.go) writes the files into
+    a new hidden directory ``..<timestamp>``, points a symlink ``..data_tmp`` at it and renames that
+    over ``..data`` (one atomic step), makes each visible path a symlink ``<path> -> ..data/<path>``
+    where there is none yet, then removes the previous timestamped directory.
+    """
+    data = directory / "..data"
+    previous = os.readlink(data) if data.is_symlink() else None
+    stamp = tempfile.mkdtemp(prefix="..2026_12_08_00_00_00.", dir=directory)
+    for path, content in files.items():
+        (Path(stamp) / path).write_bytes(content)
+    os.symlink(Path(stamp).name, directory / "..data_tmp")
+    os.rename(directory / "..data_tmp", data)
+    for path in files:
+        if not (directory / path).is_symlink():
+            os.symlink(f"..data/{path}", directory / path)
+    if previous is not None:
+        shutil.rmtree(directory / previous)
+
+
+def tenants_file(*teams: tuple[str, str]) -> bytes:
+    """A tenants file (README "Tenants") of (name, key) pairs, each key stored as its hash."""
+    entries = [{"name": name, "keys": [hash_key(key)]} for name, key in teams]
+    return yaml.safe_dump({"tenants": entries}).encode()
+
+
+def test_tenants_secret_update_reaches_the_service_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifests = render(TENANTS)
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tenants"]
+    (mount,) = [m for m in main["volumeMounts"] if m["name"] == "tenants"]
+    (item,) = volume["secret"]["items"]
+    # The pod's settings, with the mount's directory here instead of at its mountPath.
+    settings = settings_from_environment(pod_environment(pod), monkeypatch, tmp_path)
+    assert settings.tenants_file is not None
+    mounted = tmp_path / "mount"
+    mounted.mkdir()
+    here = mounted / settings.tenants_file.relative_to(mount["mountPath"])
+
+    # The user's Secret: the file under its own key, as `kubectl create secret --from-file` makes it.
+    secret = {TENANTS["tenants"]["secretKey"]: tenants_file(("acme", "sk-acme"))}
+    kubelet_write_secret_volume(mounted, {item["path"]: secret[item["key"]]})
+    tenants = Tenants(
+        file=here, api_keys=tuple(settings.api_keys), poll_seconds=settings.tenants_poll_seconds
+    )
+    assert tenants.enabled  # keys are required: the API is not open
+    acme = tenants.by_key("sk-acme")
+    assert acme is not None
+    assert acme.name == "acme"
+    assert tenants.by_key("sk-globex") is None
+
+    # `kubectl apply` of the Secret with another team, and acme's key revoked.
+    secret = {TENANTS["tenants"]["secretKey"]: tenants_file(("globex", "sk-globex"))}
+    kubelet_write_secret_volume(mounted, {item["path"]: secret[item["key"]]})
+    assert tenants.reload_if_changed()
+    assert tenants.by_key("sk-acme") is None
+    globex = tenants.by_key("sk-globex")
+    assert globex is not None
+    assert globex.name == "globex"
+    assert tenants.error is None
+
+
+def test_readme_tenants_recipes_mount_the_secret_and_the_overlays() -> None:
+    section = readme_section("Tenants")
+    (compose,) = [b for b in code_blocks(section, "bash") if "docker compose" in b]
+    used = set(re.findall(r"-f (\S+)", compose))
+    assert used >= {"deploy/compose/tenants.yml", "deploy/compose/tenants.scale.yml"}
+    assert all((REPO / name).is_file() for name in used)
+    (helm,) = [b for b in code_blocks(section, "bash") if "helm " in b]
+    helm = helm.replace("\\\n", " ")
+    created = re.findall(r"^kubectl create secret generic (\S+) --from-file=(\S+)", helm, re.M)
+    assert created
+    install = re.search(r"^helm upgrade --install \S+ deploy/helm/dsocr (.*)$", helm, re.M)
+    assert install is not None
+    values: dict[str, Any] = {}
+    for expression in re.findall(r"--set (\S+)", install[1]):
+        values = merge(values, helm_python.parse_set_string(expression.replace("<owner>", "example")))
+    pod = render(values)["Deployment"]["spec"]["template"]["spec"]
+    check_tenants(values, pod)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tenants"]
+    (item,) = volume["secret"]["items"]
+    # `--from-file=<path>` stores the file under its base name: the key the chart reads.
+    for name, source in created:
+        assert (name, Path(source).name) == (volume["secret"]["secretName"], item["key"])
+
+
+TENANTS_COMPOSE = {
+    "cpu": (("docker-compose.cpu.yml",), "deploy/compose/tenants.yml", ("dsocr",)),
+    "vllm": (("docker-compose.vllm.yml",), "deploy/compose/tenants.yml", ("dsocr",)),
+    "scale": ((SCALE_COMPOSE,), "deploy/compose/tenants.scale.yml", ("api", "worker")),
+}
+
+
+@pytest.mark.parametrize("layout", TENANTS_COMPOSE)
+def test_compose_tenants_overlay_mounts_the_directory_read_only(
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, overlay, names = TENANTS_COMPOSE[layout]
+    for name, value in SCALE_COMPOSE_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DSOCR_TENANTS_DIR", raising=False)
+    plain = compose_config(base)["services"]
+    services = compose_config((*base, overlay))["services"]
+    assert services.keys() == plain.keys()  # it adds no service, for any of the layouts it names
+    for name in names:
+        assert "APP_TENANTS_FILE" not in plain[name]["environment"]  # off unless asked for
+        environment = dict(services[name]["environment"])
+        path = PurePosixPath(environment.pop("APP_TENANTS_FILE"))
+        assert environment == plain[name]["environment"]
+        (mount,) = [m for m in services[name]["volumes"] if m["type"] == "bind"]
+        # The directory, not the file: an editor replaces the file, which a bind-mounted file never shows.
+        assert PurePosixPath(mount["target"]) == path.parent
+        assert Path(mount["source"]) == REPO / "tenants"  # paths resolve from the first file's directory
+        assert mount["read_only"] is True
+        assert mount["bind"]["create_host_path"] is False  # a missing directory stops `up`
+        # Nothing else changes: the data volume stays where it was.
+        assert [m for m in services[name].get("volumes", []) if m is not mount] == plain[name].get(
+            "volumes", []
+        )
+        settings = settings_from_environment(services[name]["environment"], monkeypatch, tmp_path)
+        assert settings.tenants_file == Path(path)
 
 
 class KubernetesSecrets:

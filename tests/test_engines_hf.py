@@ -88,9 +88,11 @@ def load_and_watch(engine: OCREngine, model_class: str) -> weakref.ref[Any]:
     return weakref.ref(model)
 
 
-def finished(answer: str, tokenizer: PreTrainedTokenizerBase) -> PageText:
+def finished(answer: str, tokenizer: PreTrainedTokenizerBase, prompt_tokens: int = 266) -> PageText:
+    """A finished page; ``prompt_tokens``: 257 image tokens for a page without tiles, and 9 of
+    text (bos, the newline after the image and the instruction), padding not counted."""
     tokens = len(tokenizer.encode(answer, add_special_tokens=False)) + 1  # + eos
-    return PageText(text=answer + END_MARKER, stop_reason="eos", tokens=tokens)
+    return PageText(text=answer + END_MARKER, stop_reason="eos", tokens=tokens, prompt_tokens=prompt_tokens)
 
 
 def test_load_recognize_unload_reload_releases_the_model(
@@ -122,7 +124,9 @@ def test_batch_of_pages_of_different_sizes_comes_back_in_order(
     engine.load()
     result = engine.recognize([page(600, 400), page(2000, 1500), page(800, 1100)], options())
     engine.unload()
-    assert result == [finished(answer, tokenizer) for answer in ANSWERS]
+    # Each row's own prompt, without the padding before it: the two larger pages are tiled alike.
+    prompts = [266, 1121 + 9, 1121 + 9]
+    assert result == [finished(a, tokenizer, n) for a, n in zip(ANSWERS, prompts, strict=True)]
 
 
 def test_token_cap_stops_a_page_without_the_end_marker(

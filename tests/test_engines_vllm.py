@@ -567,7 +567,8 @@ def manager_for(url: str, concurrency: int) -> ModelManager:
 async def test_pages_of_all_tasks_share_one_bound(fake: FakeOpenAI) -> None:
     fake.respond = lambda body: Reply(completion("p"), delay=0.1)
     models = manager_for(fake.url, concurrency=3)
-    assert await models.limits() == DispatchLimits(pages_per_call=1, calls_in_flight=3)
+    # sizes_apply: vLLM decides the image geometry, so the size options change nothing it is sent.
+    assert await models.limits() == DispatchLimits(pages_per_call=1, calls_in_flight=3, sizes_apply=False)
 
     async def task(pages: int) -> None:
         async with models.hold():
@@ -706,7 +707,8 @@ class AsyncLLMEngine:
             completion = SimpleNamespace(
                 text=text, token_ids=list(range(n)), finish_reason=self.finish_reason if done else None
             )
-            yield SimpleNamespace(outputs=[completion])
+            # RequestOutput.prompt_token_ids: the prompt as vLLM tokenised it (image tokens included).
+            yield SimpleNamespace(outputs=[completion], prompt_token_ids=[0] * 7)
 
     def shutdown(self):
         self.shut_down = True
@@ -755,6 +757,7 @@ async def test_in_process_vllm_follows_the_recipe(standin_vllm: Any) -> None:
     image = page()
     text = await engine.recognize_page(image, OPTIONS)
     assert (text.text, text.stop_reason, text.tokens) == ("# Title" + END_MARKER, "eos", 2)
+    assert text.prompt_tokens == 7
     ((request, params),) = built.requests
     assert request == {"prompt": f"<image>\n{PROMPT}", "multi_modal_data": {"image": image}}
     sampling = params.kwargs

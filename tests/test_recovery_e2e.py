@@ -20,6 +20,9 @@ def test_killed_server_resumes_its_task_from_the_last_finished_page(tiny_model_d
         "APP_DS_BATCH_SIZE": "1",
         "APP_API_KEYS": "sk_test",
         "APP_LOG_LEVEL": "warning",
+        # Random weights cut at 48 tokens leave every page suspect, and each would be asked for
+        # again; tests/test_retry_ladder.py shows a resumed task keeps its retries too.
+        "APP_PAGE_RETRIES": "0",
     }
     headers = {"Authorization": "Bearer sk_test"}
     first = ProcessServer(env, tmp_path / "server.log").start()
@@ -56,6 +59,12 @@ def test_killed_server_resumes_its_task_from_the_last_finished_page(tiny_model_d
             assert client.get(f"/v1/tasks/{task_id}/result.md").status_code == 200
             layout = client.get(f"/v1/tasks/{task_id}/layout.json").json()
             assert [page["page"] for page in layout["pages"]] == list(range(1, PAGES + 1))
+            # Usage counts each page once, however many starts the task took (tests/test_usage.py).
+            wait_for(
+                lambda: client.get("/v1/usage").json()["tenants"][0]["total"]["pages"] == PAGES + 1,
+                timeout=10,
+            )
+            assert client.get("/v1/usage").json()["tenants"][0]["total"]["tasks"] == 2
     finally:
         second.stop()
     # Pages finished before the kill were not recognised again.

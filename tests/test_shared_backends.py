@@ -86,12 +86,12 @@ async def queues(server: RedisServer, count: int, **options: float) -> AsyncIter
 async def test_the_bound_holds_across_replicas_and_a_discard_frees_a_slot(redis_server):
     async with queues(redis_server, 2, maxsize=2) as (api_a, api_b):
         first = await api_a.reserve()
-        await (await api_b.reserve()).commit("b" * 32)
+        await (await api_b.reserve()).commit("b" * 32, tenant=None, priority="interactive")
         assert await api_a.depth() == await api_b.depth() == 2
         with pytest.raises(QueueFull):
             await api_b.reserve()
         await first.release()
-        await (await api_a.reserve()).commit("a" * 32)
+        await (await api_a.reserve()).commit("a" * 32, tenant=None, priority="interactive")
         assert await api_b.full()
         assert [await api_b.position("b" * 32), await api_b.position("a" * 32)] == [1, 2]
         await api_b.discard("a" * 32)  # canceled while waiting
@@ -101,7 +101,7 @@ async def test_the_bound_holds_across_replicas_and_a_discard_frees_a_slot(redis_
 
 async def test_a_task_goes_to_one_worker_and_to_another_only_after_the_first_goes_silent(redis_server):
     async with queues(redis_server, 3, visibility=0.5) as (api, worker_a, worker_b):
-        await (await api.reserve()).commit("c" * 32)
+        await (await api.reserve()).commit("c" * 32, tenant=None, priority="interactive")
         assert await worker_a.get() == "c" * 32
         assert await api.depth() == 0  # taken: no longer waiting
         assert await api.position("c" * 32) is None
@@ -125,14 +125,14 @@ async def test_a_task_goes_to_one_worker_and_to_another_only_after_the_first_goe
 
 async def test_tasks_queued_before_any_worker_existed_are_delivered(redis_server):
     async with queues(redis_server, 1) as (api,):
-        await (await api.reserve()).commit("d" * 32)
+        await (await api.reserve()).commit("d" * 32, tenant=None, priority="interactive")
     async with queues(redis_server, 1) as (worker,):
         assert await asyncio.wait_for(worker.get(), timeout=5) == "d" * 32
 
 
 async def test_queued_tasks_survive_a_redis_restart(redis_server):
     async with queues(redis_server, 1) as (api,):
-        await (await api.reserve()).commit("e" * 32)
+        await (await api.reserve()).commit("e" * 32, tenant=None, priority="interactive")
     redis_server.restart()
     async with queues(redis_server, 1) as (worker,):
         assert await asyncio.wait_for(worker.get(), timeout=5) == "e" * 32
@@ -301,6 +301,10 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
     store.write_raw(record.task_id, 1, {"text": "hi", "stop_reason": "eos"})
     assert store.read_raw(record.task_id, 1) == {"text": "hi", "stop_reason": "eos"}
     assert store.read_raw(record.task_id, 2) is None
+    store.write_raw(record.task_id, 1, {"text": "again"}, attempt=2)  # retry rung 2: p0001.r2.json
+    assert store.read_raw(record.task_id, 1, attempt=2) == {"text": "again"}
+    assert store.read_raw(record.task_id, 1) == {"text": "hi", "stop_reason": "eos"}
+    assert store.read_raw(record.task_id, 1, attempt=1) is None
     with pytest.raises(ResultNotFound):
         store.open_preview(record, 1)
     store.write_preview(record.task_id, 1, Image.new("RGB", (2000, 1000), "white"))

@@ -15,8 +15,9 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,8 +26,10 @@ from app.storage.webhooks import Attempt, WebhookSender, sign, verify_signature
 from tests.documents import make_pdf
 from tests.servers import wait_for
 from tests.test_hostile_http import PeakRss
+from tests.test_tenants import auth, tenant, write_tenants
 
 WEBHOOK_SECRET = "whsec-test-0123456789"
+TENANT_SECRET = "whsec-acme-own-9876543210"
 
 
 @dataclass
@@ -41,14 +44,17 @@ class Receiver:
     """An HTTP server that verifies signatures as the README tells receivers to, and answers
     ``fail_first`` requests with 500 (or every request, with ``always=...``) before it accepts."""
 
-    def __init__(self, *, fail_first: int = 0, always: int | None = None) -> None:
+    def __init__(
+        self, *, fail_first: int = 0, always: int | None = None, secret: str = WEBHOOK_SECRET
+    ) -> None:
         self.deliveries: list[Delivery] = []
+        self.secret = secret
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                ok = receiver_verifies(self.headers.get("X-Dsocr-Signature", ""), body)
+                ok = receiver_verifies(self.headers, body, receiver.secret)
                 count = len(receiver.deliveries)
                 status = always or (500 if count < fail_first else 204)
                 if not ok:
@@ -72,12 +78,14 @@ class Receiver:
         self._thread.join()
 
 
-def receiver_verifies(header: str, body: bytes, tolerance: int = 300) -> bool:
-    """The receiver's side, written from the documented format, not from the service's code."""
-    parts = dict(item.split("=", 1) for item in header.split(","))
+def receiver_verifies(headers: Mapping[str, str], body: bytes, secret: str, tolerance: int = 300) -> bool:
+    """The receiver's side, written from the documented format (README "Webhooks", scheme v2), not
+    from the service's code."""
+    parts = dict(item.split("=", 1) for item in headers.get("X-Dsocr-Signature", "").split(","))
     timestamp = int(parts["t"])
-    expected = hmac.new(WEBHOOK_SECRET.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, parts["v1"]) and abs(time.time() - timestamp) <= tolerance
+    signed = f"{timestamp}.{headers['X-Dsocr-Delivery']}.{headers['X-Dsocr-Event']}.".encode() + body
+    expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, parts["v2"]) and abs(time.time() - timestamp) <= tolerance
 
 
 @pytest.fixture
@@ -191,12 +199,105 @@ def test_callback_urls_are_checked_at_submit(make_server):
 
 def test_signature_reference_check():
     body = b'{"task_id": "x"}'
-    header = sign(b"secret", body, 1_700_000_000)
-    assert verify_signature(b"secret", body, header, now=1_700_000_100)
-    assert not verify_signature(b"secret", body + b" ", header, now=1_700_000_100)  # body changed
-    assert not verify_signature(b"other", body, header, now=1_700_000_100)  # another secret
-    assert not verify_signature(b"secret", body, header, now=1_700_001_000)  # too old: a replay
-    assert not verify_signature(b"secret", body, "v1=abc", now=1_700_000_100)
+    signed = {"event": "task.succeeded", "delivery_id": "d1"}
+    header = sign(b"secret", body, 1_700_000_000, **signed)
+    assert header.startswith("t=1700000000,v2=")
+    assert verify_signature(b"secret", body, header, **signed, now=1_700_000_100)
+    assert not verify_signature(b"secret", body + b" ", header, **signed, now=1_700_000_100)  # body changed
+    assert not verify_signature(b"other", body, header, **signed, now=1_700_000_100)  # another secret
+    assert not verify_signature(b"secret", body, header, **signed, now=1_700_001_000)  # too old: a replay
+    # The delivery id and the event are signed: a capture replayed as another delivery or event fails.
+    assert not verify_signature(
+        b"secret", body, header, event="task.failed", delivery_id="d1", now=1_700_000_100
+    )
+    assert not verify_signature(
+        b"secret", body, header, event="task.succeeded", delivery_id="d2", now=1_700_000_100
+    )
+
+
+def test_each_tenant_s_webhooks_are_signed_with_its_own_secret_else_the_global_one(
+    make_server, receivers, tmp_path
+):
+    own, shared = Receiver(secret=TENANT_SECRET), Receiver()
+    receivers.extend([own, shared])
+    path = write_tenants(
+        tmp_path / "tenants.yaml",
+        tenant("acme", "sk_acme", webhook_secret=TENANT_SECRET),
+        tenant("beta", "sk_beta"),
+    )
+    server = make_server(webhook_secret=WEBHOOK_SECRET, url_allow_private=True, tenants_file=path)
+    with (
+        httpx.Client(base_url=server.url, headers=auth("sk_acme"), timeout=60) as acme,
+        httpx.Client(base_url=server.url, headers=auth("sk_beta"), timeout=60) as beta,
+    ):
+        for client, receiver in ((acme, own), (beta, shared)):
+            task_id = upload(client, receiver.url).json()["task_id"]
+            hook = webhook_ended(client, task_id)["webhook"]
+            assert (hook["status"], hook["attempts"], hook["response_status"]) == ("succeeded", 1, 204)
+    (mine,), (theirs,) = own.deliveries, shared.deliveries
+    assert mine.signature_ok
+    assert theirs.signature_ok
+    # acme's receiver holds no key that signs beta's deliveries, nor beta's (the global one) acme's.
+    assert not receiver_verifies(mine.headers, mine.body, WEBHOOK_SECRET)
+    assert not receiver_verifies(theirs.headers, theirs.body, TENANT_SECRET)
+
+    unsigned = make_server(tenants_file=path, url_allow_private=True)  # no APP_WEBHOOK_SECRET
+    with httpx.Client(base_url=unsigned.url, headers=auth("sk_beta"), timeout=60) as beta:
+        refused = upload(beta, shared.url)
+        assert refused.status_code == 422  # beta has no secret of its own: nothing could sign
+        assert "webhook_secret" in refused.json()["error"]["message"]
+    assert unsigned.task_dirs() == []
+
+
+def readme_verifier() -> Callable[..., bool]:
+    """The receiver's ``verify`` exactly as README "Webhooks" prints it."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## Webhooks") : text.index("## Downloads and share links")]
+    start = section.index("```python") + len("```python")
+    namespace: dict[str, object] = {}
+    exec(section[start : section.index("```", start)], namespace)  # noqa: S102 - our own README
+    verify = namespace["verify"]
+    assert callable(verify)
+    return verify
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "v2=abc",
+        "t=1700000000",
+        "t=1700000000,v2",  # a part without "="
+        "garbage",
+        ",,,",
+        "t=1700000000,v1=" + "0" * 64,  # the old scheme alone
+        "t=\u00b2,v2=" + "0" * 64,
+        "t=1700000000,v2=" + "\u00e9" * 64,  # not ASCII: compare_digest would raise on it
+        "t=1700000000,v2=" + "0" * 63,
+        "t=1700000000,t=1700000001,v2=" + "0" * 64,  # a repeated field
+        "t=" + "9" * 400 + ",v2=" + "0" * 64,  # more digits than int() converts
+    ],
+)
+def test_malformed_signature_headers_are_refused_without_an_exception(header):
+    assert not verify_signature(
+        b"secret", b"{}", header, event="task.succeeded", delivery_id="d1", now=1_700_000_100
+    )
+    # The README's verifier, which receivers copy, refuses them as cleanly.
+    headers = {"X-Dsocr-Signature": header, "X-Dsocr-Delivery": "d1", "X-Dsocr-Event": "task.succeeded"}
+    assert readme_verifier()(b"secret", b"{}", headers) is False
+
+
+def test_the_readme_verifier_accepts_what_the_service_signs_and_nothing_else():
+    verify = readme_verifier()
+    now = int(time.time())
+    header = sign(b"secret", b"{}", now, event="task.succeeded", delivery_id="d1")
+    headers = {"X-Dsocr-Signature": header, "X-Dsocr-Delivery": "d1", "X-Dsocr-Event": "task.succeeded"}
+    assert verify(b"secret", b"{}", headers)
+    assert not verify(b"other", b"{}", headers)
+    assert not verify(b"secret", b"{}", {**headers, "X-Dsocr-Event": "task.failed"})
+    assert not verify(b"secret", b"{}", {**headers, "X-Dsocr-Delivery": "d2"})
+    assert not verify(b"secret", b"{} ", headers)
+    assert not verify(b"secret", b"{}", {k: v for k, v in headers.items() if k != "X-Dsocr-Signature"})
 
 
 def test_a_delivery_cut_short_by_a_restart_resumes(make_server, receivers):
@@ -303,7 +404,6 @@ def deliver(receiver: RawReceiver, *, timeout_seconds: float, max_attempts: int 
     """Deliver one webhook with a sender configured as the service configures it; the last try and
     the seconds the delivery took. A delivery that does not end within 30 s fails the test."""
     sender = WebhookSender(
-        secret=WEBHOOK_SECRET.encode(),
         allow_private=True,  # the receiver is on loopback
         timeout_seconds=timeout_seconds,
         max_attempts=max_attempts,
@@ -319,6 +419,7 @@ def deliver(receiver: RawReceiver, *, timeout_seconds: float, max_attempts: int 
             sender.deliver(
                 receiver.url,
                 b'{"task_id": "x"}',
+                secret=WEBHOOK_SECRET.encode(),
                 event="task.succeeded",
                 delivery_id="d1",
                 on_attempt=recorded,

@@ -5,8 +5,9 @@ them), and a route that asks Starlette for its body gets all of it: a check in a
 dependency comes after the memory is spent. ``BodyLimits`` is pure ASGI middleware in front of
 routing, so for every HTTP request, in this order:
 
-1. with API keys configured, a request for a keyed path (``/v1/...``, share links excepted) that
-   carries no valid ``Authorization: Bearer`` key is answered 401 before a byte of its body is read;
+1. with API keys configured (``APP_API_KEYS`` or ``APP_TENANTS_FILE``), a request for a keyed path
+   (``/v1/...``, share links excepted) that carries no valid ``Authorization: Bearer`` key is
+   answered 401 before a byte of its body is read;
 2. a declared ``Content-Length`` over the request's limit is answered 413 before reading;
 3. the bytes that do arrive are counted (a chunked body declares no length), and past the limit
    the request is refused with 413.
@@ -19,12 +20,13 @@ its buffer resets it, and the client, still writing, never sees the answer (http
 closes after the answer.
 
 Limits: a ``multipart/form-data`` body sent to an upload route (``UPLOAD_PATHS``) may carry
-``APP_MAX_UPLOAD_MB`` plus ``MULTIPART_OVERHEAD``; it streams on to the route, which spools it to
-disk, and the stream raises ``PayloadTooLarge`` past the limit (the route deletes its partial file,
-the error handlers answer 413). Every other body is small: it is read here, into memory, up to
-``APP_MAX_JSON_BODY_KB``, checked for JSON nested deeper than ``MAX_JSON_DEPTH`` (422 before any
-parser recurses into it: Python's ``json`` raises ``RecursionError`` on 30,000 levels) and handed
-on whole. Refusals use the one error shape, ``{"error": {"code", "message"}}``.
+``APP_MAX_UPLOAD_MB`` (or the caller's tenant's own ``max_upload_mb``) plus ``MULTIPART_OVERHEAD``;
+it streams on to the route, which spools it to disk, and the stream raises ``PayloadTooLarge``
+past the limit (the route deletes its partial file, the error handlers answer 413). Every other
+body is small: it is read here, into memory, up to ``APP_MAX_JSON_BODY_KB``, checked for JSON
+nested deeper than ``MAX_JSON_DEPTH`` (422 before any parser recurses into it: Python's ``json``
+raises ``RecursionError`` on 30,000 levels) and handed on whole. Refusals use the one error
+shape, ``{"error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from app.json_depth import MAX_JSON_DEPTH, json_nesting_exceeds
 from app.metrics import Metrics
 from app.pipeline.sources import MULTIPART_OVERHEAD
 from app.storage.links import SHARE_PREFIX
+from app.tenants import Tenant, Tenants
 
 UPLOAD_PATHS = frozenset({"/v1/tasks/upload", "/v1/convert"})  # the routes that stream a multipart upload
 # Routes that create tasks: their refusals count in dsocr_tasks_rejected, as the routes count theirs.
@@ -53,19 +56,19 @@ DRAIN_SECONDS = 5.0  # and the time that may take; past either, the connection c
 
 
 class BodyLimits:
-    """The ASGI middleware described in the module docstring; ``api_keys`` empty means auth is off."""
+    """The ASGI middleware described in the module docstring; auth is off when ``tenants`` has no key."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        api_keys: list[str],
+        tenants: Tenants,
         max_json_bytes: int,
         max_upload_bytes: int,
         metrics: Metrics,
     ) -> None:
         self.app = app
-        self._keys = api_keys
+        self._tenants = tenants
         self._max_json_bytes = max_json_bytes
         self._max_upload_bytes = max_upload_bytes
         self._metrics = metrics
@@ -76,9 +79,14 @@ class BodyLimits:
             return
         path = _route_path(scope)
         headers = Headers(scope=scope)
-        if self._keys and path.startswith(KEYED_PREFIX) and not path.startswith(f"{SHARE_PREFIX}/"):
+        tenant = None
+        if (
+            self._tenants.enabled
+            and path.startswith(KEYED_PREFIX)
+            and not path.startswith(f"{SHARE_PREFIX}/")
+        ):
             try:
-                authenticate(self._keys, headers.get("authorization"))
+                tenant = authenticate(self._tenants, headers.get("authorization"))
             except Unauthorized as exc:
                 challenge = {"WWW-Authenticate": "Bearer"}
                 unread = _has_body(headers) and not await _drained(receive, headers)
@@ -88,19 +96,22 @@ class BodyLimits:
                 return
         media_type = parse_options_header(headers.get("content-type"))[0]
         if path in UPLOAD_PATHS and media_type == b"multipart/form-data":
-            await self._stream_upload(scope, receive, send, path, headers)
+            await self._stream_upload(scope, receive, send, path, headers, tenant)
         else:
             await self._read_small_body(scope, receive, send, path, headers, media_type)
 
     async def _stream_upload(
-        self, scope: Scope, receive: Receive, send: Send, path: str, headers: Headers
+        self, scope: Scope, receive: Receive, send: Send, path: str, headers: Headers, tenant: Tenant | None
     ) -> None:
         """Hand the upload on as it arrives, counting it; the route spools it to disk."""
-        limit = self._max_upload_bytes + MULTIPART_OVERHEAD
-        message = (
-            f"the upload is larger than the limit of {self._max_upload_bytes} bytes "
-            f"(APP_MAX_UPLOAD_MB={self._max_upload_bytes // 2**20})"
-        )
+        own_mb = tenant.limits.max_upload_mb if tenant is not None else None
+        if own_mb is not None and tenant is not None:
+            allowed, setting = own_mb * 2**20, f"max_upload_mb={own_mb} of tenant {tenant.name!r}"
+        else:
+            allowed = self._max_upload_bytes
+            setting = f"APP_MAX_UPLOAD_MB={allowed // 2**20}"
+        limit = allowed + MULTIPART_OVERHEAD
+        message = f"the upload is larger than the limit of {allowed} bytes ({setting})"
         if _declared_length(headers) > limit:
             await self._too_large(scope, receive, send, path, headers, message)
             return

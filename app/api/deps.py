@@ -1,9 +1,10 @@
-"""Dependencies of the routers: the services on ``app.state``, API-key auth and the caller."""
+"""Dependencies of the routers: the services on ``app.state``, API-key auth and the caller.
+
+A caller is a tenant (``app.tenants``): ``TenantDep`` is the tenant its Bearer key belongs to (or
+``None`` with auth off), ``CallerDep`` that tenant's owner id, the one stored on its tasks."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -17,10 +18,13 @@ from app.errors import ClientError, Unauthorized
 from app.tasks.intake import Intake
 from app.tasks.readiness import Readiness
 from app.tasks.service import TaskService
+from app.tenants import Tenant, Tenants, owner_of
 
-_bearer = HTTPBearer(auto_error=False, description="One of the keys in APP_API_KEYS.")
-# Separates owner ids from any other hash of a key; fixed, so ids stay valid across restarts.
-_OWNER_LABEL = b"dsocr-server/task-owner/v1"
+__all__ = ["owner_of"]  # where it was before tenants: tools that derive a key's owner id import it here
+
+_bearer = HTTPBearer(
+    auto_error=False, description="A key of APP_API_KEYS or of a tenant in APP_TENANTS_FILE."
+)
 
 
 # Dependencies are ``async def`` even where they do not await: FastAPI runs a plain ``def`` one in
@@ -47,57 +51,56 @@ async def get_stream_caps(request: Request) -> StreamCaps:
     return request.app.state.stream_caps
 
 
+async def get_tenants(request: Request) -> Tenants:
+    return request.app.state.tenants
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TasksDep = Annotated[TaskService, Depends(get_tasks)]
 IntakeDep = Annotated[Intake, Depends(get_intake)]
 ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
 StreamCapsDep = Annotated[StreamCaps, Depends(get_stream_caps)]
+TenantsDep = Annotated[Tenants, Depends(get_tenants)]
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def key_is_valid(given: str, keys: list[str]) -> bool:
-    """Compare against every key in constant time, so timing tells nothing about any key."""
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given.encode(), key.encode())
-    return matched
+def require_api_key(tenants: Tenants, credentials: HTTPAuthorizationCredentials | None) -> Tenant | None:
+    """Refuse the request with 401 unless auth is off or it carries a valid Bearer key.
 
-
-def owner_of(key: str) -> str:
-    """The owner id stored on the tasks a key creates: an HMAC of the key, never the key itself."""
-    return hmac.new(_OWNER_LABEL, key.encode(), hashlib.sha256).hexdigest()
-
-
-def _caller(keys: list[str], credentials: HTTPAuthorizationCredentials | None) -> str | None:
-    if not keys:
+    Returns the caller's tenant, or ``None`` with auth off (no key configured anywhere). The key is
+    looked up by its SHA-256 digest (``Tenants.by_key``), so timing tells nothing about any key.
+    """
+    if not tenants.enabled:
         return None
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if not key_is_valid(credentials.credentials, keys):
+    tenant = tenants.by_key(credentials.credentials)
+    if tenant is None:
         raise Unauthorized("invalid API key")
-    return owner_of(credentials.credentials)
+    return tenant
 
 
-def require_api_key(settings: SettingsDep, credentials: CredentialsDep) -> str | None:
-    """Refuse the request with 401 unless auth is off or it carries a valid Bearer key.
-
-    Returns the caller's owner id (``owner_of`` its key), or ``None`` with auth off.
-    """
-    return _caller(settings.api_keys, credentials)
-
-
-def authenticate(keys: list[str], authorization: str | None) -> str | None:
+def authenticate(tenants: Tenants, authorization: str | None) -> Tenant | None:
     """``require_api_key`` on a raw ``Authorization`` header value, parsed as ``HTTPBearer`` parses
     it: for the body-limit middleware, which answers before any dependency runs. Raises
-    ``Unauthorized``; returns the owner id, or ``None`` when ``keys`` is empty (auth off)."""
+    ``Unauthorized``; returns the tenant, or ``None`` with auth off."""
     scheme, given = get_authorization_scheme_param(authorization)
     credentials = HTTPAuthorizationCredentials(scheme=scheme, credentials=given) if scheme and given else None
-    return _caller(keys, credentials)
+    return require_api_key(tenants, credentials)
 
 
-async def get_caller(settings: SettingsDep, credentials: CredentialsDep) -> str | None:
-    """``require_api_key`` as a dependency: the caller's owner id, or 401."""
-    return require_api_key(settings, credentials)
+async def get_tenant(tenants: TenantsDep, credentials: CredentialsDep) -> Tenant | None:
+    """``require_api_key`` as a dependency: the caller's tenant (``None`` with auth off), or 401."""
+    return require_api_key(tenants, credentials)
+
+
+# The caller's tenant: for routes that go by its name, role or limits (``None``: auth is off).
+TenantDep = Annotated[Tenant | None, Depends(get_tenant)]
+
+
+async def get_caller(tenant: TenantDep) -> str | None:
+    """The caller's owner id (its tenant's, stored on the tasks it creates), or ``None`` with auth off."""
+    return tenant.owner if tenant is not None else None
 
 
 ApiKeyDep = Depends(get_caller)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import DsocrError, QueueFull, TooManyConnections, Unauthorized
+from app.errors import DsocrError, QueueFull, QuotaExceeded, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,27 @@ def error_response(
 async def _dsocr_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DsocrError)
     headers = None
-    if isinstance(exc, QueueFull | TooManyConnections):
+    if isinstance(exc, QuotaExceeded):
+        headers = {"Retry-After": str(exc.retry_after), **rate_limit_headers(exc)}
+    elif isinstance(exc, QueueFull):
         headers = {"Retry-After": str(exc.retry_after)}
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}
     if exc.status_code >= 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
     return error_response(exc.status_code, exc.code, exc.message, headers)
+
+
+def rate_limit_headers(exc: QuotaExceeded) -> dict[str, str]:
+    """The IETF RateLimit fields of a refusal, as draft-ietf-httpapi-ratelimit-headers-10 writes them
+    (Structured Field Lists, RFC 9651): ``RateLimit-Policy`` names the policy (our limit's name, a
+    String) with its quota ``q`` and window ``w`` in seconds (left out for a limit on what is held
+    at once); ``RateLimit`` gives what ``r`` remains of it and ``t``, the seconds until it resets."""
+    window = f";w={exc.window_seconds}" if exc.window_seconds is not None else ""
+    return {
+        "RateLimit-Policy": f'"{exc.limit}";q={exc.quota}{window}',
+        "RateLimit": f'"{exc.limit}";r={exc.remaining};t={exc.retry_after}',
+    }
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

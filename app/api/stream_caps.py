@@ -8,8 +8,11 @@ only while its caller holds fewer than ``APP_MAX_STREAMS_PER_KEY`` and the proce
 ``Retry-After``) before anything is streamed, waited on or read from Redis. Its slot comes back
 when the stream or the wait ends, when the request fails, and when the client hangs up.
 
-"Per key" is per owner id (``app.api.deps.owner_of`` the key). With auth off every caller is the
-one anonymous owner (``None``), so ``APP_MAX_STREAMS_PER_KEY`` bounds all of them together.
+"Per key" is per owner id: a tenant's (``app.tenants``: every key of a tenant shares its count),
+whose own ``event_streams`` limit replaces ``APP_MAX_STREAMS_PER_KEY`` where the tenants file sets
+one. With auth off every caller is the one anonymous owner (``None``), so
+``APP_MAX_STREAMS_PER_KEY`` bounds all of them together. A refusal carries the IETF RateLimit
+fields (``app.api.errors.rate_limit_headers``) naming the limit.
 
 The caps live in ``api``, not ``tasks``: what they count is HTTP connections held by callers, not
 tasks. The count is this process's own, like the Redis pool it protects
@@ -30,6 +33,7 @@ from starlette.types import Receive
 
 from app.errors import TooManyConnections
 from app.metrics import Metrics
+from app.tenants import Tenants
 
 T = TypeVar("T")
 
@@ -54,9 +58,12 @@ class StreamCaps:
     requests can never both take the last slot.
     """
 
-    def __init__(self, *, per_key: int, total: int, metrics: Metrics) -> None:
+    def __init__(self, *, per_key: int, total: int, metrics: Metrics, tenants: Tenants | None = None) -> None:
+        """``tenants``: where a caller's own ``event_streams`` limit is looked up (at each ``hold``,
+        so a reloaded tenants file applies to the next stream)."""
         self.per_key = per_key
         self.total = total
+        self._tenants = tenants
         self._held: collections.Counter[str | None] = collections.Counter()
         self._open = metrics.streams_open
         self._refused = metrics.streams_refused
@@ -71,22 +78,34 @@ class StreamCaps:
         """Hold one of ``owner``'s slots for the ``with`` block, however it ends.
 
         Raises ``TooManyConnections``, holding nothing, when ``owner`` (``None``: auth is off) holds
-        ``per_key`` slots already or the process ``total``.
+        its limit already (its tenant's ``event_streams``, else ``per_key``) or the process ``total``.
         """
-        if self._held[owner] >= self.per_key:
+        tenant = self._tenants.by_owner(owner) if self._tenants is not None else None
+        own_limit = tenant.limits.event_streams if tenant is not None else None
+        limit = own_limit if own_limit is not None else self.per_key
+        if self._held[owner] >= limit:
             self._refused.labels("per_key").inc()
-            who = "this API key" if owner is not None else "anonymous callers (auth is off)"
+            if own_limit is not None:
+                assert tenant is not None
+                who, setting = f"tenant {tenant.name!r}", "event_streams in APP_TENANTS_FILE"
+            else:
+                who = "this API key" if owner is not None else "anonymous callers (auth is off)"
+                setting = "APP_MAX_STREAMS_PER_KEY"
             raise TooManyConnections(
-                f"{who} already hold(s) {self.per_key} event streams and long-polls, the limit "
-                "(APP_MAX_STREAMS_PER_KEY); close one or retry later",
-                RETRY_AFTER_SECONDS,
+                f"{who} already hold(s) {limit} event streams and long-polls, the limit ({setting}); "
+                "close one or retry later",
+                limit="event_streams",
+                quota=limit,
+                retry_after=RETRY_AFTER_SECONDS,
             )
         if self.held >= self.total:
             self._refused.labels("total").inc()
             raise TooManyConnections(
                 f"this server holds {self.total} event streams and long-polls already, its limit "
                 "(APP_MAX_STREAMS_TOTAL); retry later",
-                RETRY_AFTER_SECONDS,
+                limit="streams_total",
+                quota=self.total,
+                retry_after=RETRY_AFTER_SECONDS,
             )
         self._held[owner] += 1
         gauge = self._open.labels(kind.value)

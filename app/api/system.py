@@ -7,9 +7,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.deps import CredentialsDep, ReadinessDep, SettingsDep, require_api_key
-from app.config import Settings
+from app.api.deps import CredentialsDep, ReadinessDep, SettingsDep, TenantsDep, require_api_key
 from app.errors import ResultNotFound, Unauthorized
+from app.tenants import Tenants
 
 router = APIRouter(tags=["system"])
 
@@ -31,29 +31,29 @@ async def read_health() -> dict[str, str]:
     },
 )
 async def read_readiness(
-    readiness: ReadinessDep, settings: SettingsDep, credentials: CredentialsDep
+    readiness: ReadinessDep, tenants: TenantsDep, credentials: CredentialsDep
 ) -> JSONResponse:
     """Readiness: workers alive, storage writable, queue reachable; with a key, the model and engine too."""
     # Probes and load balancers call without a key; what the model is, where it came from, why it
     # failed to load and where the engine server is are for the service's users only.
-    body = await readiness.report(with_model=_holds_a_key(settings, credentials))
+    body = await readiness.report(with_model=_holds_a_key(tenants, credentials))
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
-def _holds_a_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> bool:
+def _holds_a_key(tenants: Tenants, credentials: HTTPAuthorizationCredentials | None) -> bool:
     """Whether the request may see what the API shows: auth is off, or it carries a valid key."""
     try:
-        require_api_key(settings, credentials)
+        require_api_key(tenants, credentials)
     except Unauthorized:
         return False
     return True
 
 
-def _metrics_guard(settings: SettingsDep, credentials: CredentialsDep) -> None:
+def _metrics_guard(settings: SettingsDep, tenants: TenantsDep, credentials: CredentialsDep) -> None:
     if not settings.metrics_enabled:
         raise ResultNotFound("metrics are disabled (APP_METRICS_ENABLED=false)")
     if settings.metrics_require_auth:
-        require_api_key(settings, credentials)
+        require_api_key(tenants, credentials)
 
 
 @router.get("/metrics", dependencies=[Depends(_metrics_guard)], response_class=Response)

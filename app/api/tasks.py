@@ -21,7 +21,7 @@ from app.api.deps import (
     StreamCapsDep,
     TasksDep,
 )
-from app.api.results import DownloadsDep, TaskId, result_response
+from app.api.results import DownloadsDep, MeterDep, TaskId, result_response
 from app.api.sse import event_stream
 from app.api.stream_caps import CLIENT_CLOSED_REQUEST, HeldKind, unless_disconnected
 from app.records import TaskOptions, TaskStatus
@@ -251,6 +251,7 @@ async def convert_document(
     intake: IntakeDep,
     tasks: TasksDep,
     downloads: DownloadsDep,
+    meter: MeterDep,
     caps: StreamCapsDep,
     caller: CallerDep,
     idempotency_key: IdempotencyKey = None,
@@ -280,7 +281,7 @@ async def convert_document(
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     if record.status is TaskStatus.SUCCEEDED:
         # Always the body itself: a 307 would send the client's POST on to the bucket.
-        return await result_response(downloads, record, "result.json", headers, redirect=False)
+        return await result_response(downloads, record, "result.json", headers, meter=meter, redirect=False)
     code = status.HTTP_200_OK if record.status.is_final else status.HTTP_202_ACCEPTED
     view = await tasks.view(record)
     return JSONResponse(view.model_dump(mode="json", by_alias=True), code, headers)

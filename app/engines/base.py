@@ -21,7 +21,12 @@ StopReason = Literal["eos", "max_tokens", "timeout"]
 
 @dataclass(frozen=True)
 class RecognizeOptions:
-    """How to run the model on a batch of pages."""
+    """How to run the model on a batch of pages.
+
+    The last three fields are what a retry rung (``app.tasks.options.ladder``) changes; ``None``
+    leaves each engine's own setting. The n-gram guard they set is never weaker than the engine's
+    own: an engine takes the smaller ``no_repeat_ngram_size`` and the larger ``ngram_window``.
+    """
 
     prompt: str  # text after the image token, e.g. "<|grounding|>Convert the document to markdown."
     base_size: int  # px, global view (v1; OCR-2 always uses 1024)
@@ -29,6 +34,13 @@ class RecognizeOptions:
     crop_mode: bool  # tile large pages
     max_new_tokens: int  # token cap per page
     timeout_seconds: float  # wall-time cap per generate() call
+    # tokens: an n-gram of this many tokens may not repeat (hf: anywhere in the sequence; vllm:
+    # within ``ngram_window``), the DeepSeek-OCR recipe's guard against repetition loops
+    no_repeat_ngram_size: int | None = None
+    ngram_window: int | None = None  # tokens the vllm guard looks back over (the recipe's 90)
+    # tokens: a cap below every other (max_new_tokens, the vllm engines' own), which every engine
+    # that counts tokens honours
+    token_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class PageText:
     text: str
     stop_reason: StopReason
     tokens: int  # generated tokens, 0 when the engine cannot tell
+    prompt_tokens: int = 0  # the prompt's tokens (image and instruction), 0 when the engine cannot tell
 
     @property
     def finished(self) -> bool:

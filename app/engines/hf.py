@@ -33,9 +33,12 @@ class HFEngine(OCREngine):
     """DeepSeek-OCR-2 through transformers' native ``deepseek_ocr2`` classes (transformers >= 5.11).
 
     ``recognize`` runs up to ``batch_size`` pages in one left-padded ``generate()`` call, greedy,
-    capped by ``max_new_tokens`` tokens per page and ``timeout_seconds`` per call, with the model's
-    no-repeat n-gram guard when ``no_repeat_ngram_size`` > 0. ``options.base_size`` and
-    ``options.image_size`` do not apply: OCR-2's geometry is fixed (global view 1024 px, tiles 768 px).
+    capped by ``max_new_tokens`` tokens per page (``options.token_limit`` lowers it) and
+    ``timeout_seconds`` per call, with the model's no-repeat n-gram guard when
+    ``no_repeat_ngram_size`` > 0 (``options.no_repeat_ngram_size`` makes it stricter, or turns it
+    on). Each ``PageText`` counts its row's prompt tokens (``prompt_tokens``), padding left out.
+    ``options.base_size`` and ``options.image_size`` do not apply: OCR-2's geometry is fixed (global
+    view 1024 px, tiles 768 px).
     ``logits_processors`` is a test hook: a factory called once per ``generate()`` call whose
     processors run after the built-in ones (production passes ``None``).
     """
@@ -135,13 +138,15 @@ class HFEngine(OCREngine):
         no_tiles = (
             {} if options.crop_mode else {"crop_to_patches": False, "size": {"height": tile, "width": tile}}
         )
+        max_new_tokens = min(options.max_new_tokens, options.token_limit or options.max_new_tokens)
         generate_args: dict[str, Any] = {
-            "max_new_tokens": options.max_new_tokens,
+            "max_new_tokens": max_new_tokens,
             "max_time": options.timeout_seconds,
             "do_sample": False,
         }
-        if self._no_repeat_ngram_size > 0:
-            generate_args["no_repeat_ngram_size"] = self._no_repeat_ngram_size
+        no_repeat = _no_repeat_ngram_size(self._no_repeat_ngram_size, options.no_repeat_ngram_size)
+        if no_repeat > 0:
+            generate_args["no_repeat_ngram_size"] = no_repeat
         if self._logits_processors is not None:
             generate_args["logits_processor"] = LogitsProcessorList(self._logits_processors())
         try:
@@ -165,16 +170,37 @@ class HFEngine(OCREngine):
         eos_ids = _token_ids(model.generation_config.eos_token_id, tokenizer.eos_token_id)
         pad_ids = _token_ids(model.generation_config.pad_token_id, tokenizer.pad_token_id) - eos_ids
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        # Each row's prompt without its left padding: the attention mask is 1 on the real tokens.
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         return [
             _page_text(
-                row, tokenizer, eos_ids=eos_ids, pad_ids=pad_ids, max_new_tokens=options.max_new_tokens
+                row,
+                tokenizer,
+                eos_ids=eos_ids,
+                pad_ids=pad_ids,
+                max_new_tokens=max_new_tokens,
+                prompt_tokens=int(prompt),
             )
-            for row in new_tokens
+            for row, prompt in zip(new_tokens, prompt_tokens, strict=True)
         ]
 
 
+def _no_repeat_ngram_size(own: int, asked: int | None) -> int:
+    """The guard one call runs with: the engine's own (0: off), made stricter (a smaller n) by what
+    the options ask for, never looser."""
+    if asked is None or asked <= 0:
+        return own
+    return asked if own <= 0 else min(own, asked)
+
+
 def _page_text(
-    generated: list[int], tokenizer: Any, *, eos_ids: set[int], pad_ids: set[int], max_new_tokens: int
+    generated: list[int],
+    tokenizer: Any,
+    *,
+    eos_ids: set[int],
+    pad_ids: set[int],
+    max_new_tokens: int,
+    prompt_tokens: int,
 ) -> PageText:
     """Decode one row's new tokens: cut after its first eos, drop the padding of a finished row."""
     stop: StopReason
@@ -188,7 +214,7 @@ def _page_text(
     kept = [token for token in generated if token not in pad_ids]
     # skip_special_tokens=False keeps the grounding tags and the end marker, verbatim.
     text = tokenizer.decode(kept, skip_special_tokens=False)
-    return PageText(text=text, stop_reason=stop, tokens=len(generated))
+    return PageText(text=text, stop_reason=stop, tokens=len(generated), prompt_tokens=prompt_tokens)
 
 
 def _token_ids(*values: int | list[int] | None) -> set[int]:

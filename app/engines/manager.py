@@ -55,6 +55,9 @@ class DispatchLimits:
 
     pages_per_call: int  # the most pages one ``recognize`` call takes
     calls_in_flight: int  # ``recognize`` calls one task keeps going at once
+    # Whether the size options (base_size, image_size, crop_mode) change what the model sees: the
+    # vllm engines leave the image geometry to vLLM's processor, the hf engines apply them.
+    sizes_apply: bool = True
 
 
 class ModelManager:
@@ -103,7 +106,7 @@ class ModelManager:
         or single pages, ``max_concurrency`` of them at once (``ConcurrentEngine``)."""
         engine = await self.ensure_loaded()
         if isinstance(engine, ConcurrentEngine):
-            return DispatchLimits(pages_per_call=1, calls_in_flight=engine.max_concurrency)
+            return DispatchLimits(pages_per_call=1, calls_in_flight=engine.max_concurrency, sizes_apply=False)
         return DispatchLimits(pages_per_call=engine.max_batch_size, calls_in_flight=1)
 
     @contextlib.asynccontextmanager

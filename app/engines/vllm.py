@@ -9,7 +9,8 @@ serve``) refuse fields they do not know:
 * vLLM and SGLang get ``skip_special_tokens: false``, so the grounding tags survive decoding;
 * vLLM also gets ``vllm_xargs``, the per-request arguments of the no-repeat n-gram logits
   processor that vLLM's DeepSeek-OCR recipe loads (n-gram 30 in a window of 90 tokens, ``<td>``
-  and ``</td>`` exempt, since table rows legitimately repeat).
+  and ``</td>`` exempt, since table rows legitimately repeat); a retry rung asks for a stricter
+  guard through ``RecognizeOptions`` (``ngram_args``).
 
 The server kind is ``owned_by`` of the model in ``GET /v1/models`` unless set explicitly.
 
@@ -73,6 +74,24 @@ ServerKind = Literal["auto", "vllm", "sglang", "openai"]
 # vLLM's DeepSeek-OCR recipe: NGramPerReqLogitsProcessor's per-request arguments.
 # 128821 and 128822 are <td> and </td> in DeepSeek-OCR's vocabulary.
 NGRAM_ARGS: dict[str, Any] = {"ngram_size": 30, "window_size": 90, "whitelist_token_ids": [128821, 128822]}
+
+
+def ngram_args(options: RecognizeOptions) -> dict[str, Any]:
+    """The n-gram processor's arguments for one page: the recipe's (``NGRAM_ARGS``), made stricter
+    where ``options`` asks (a smaller n-gram, a longer window), never looser.
+
+    The processor bans a token that would complete an n-gram already seen in the last
+    ``window_size`` tokens (vLLM's ``NGramPerReqLogitsProcessor``, after DeepSeek-OCR's own
+    ``NoRepeatNGramLogitsProcessor``), so a loop whose unit is longer than ``window_size -
+    ngram_size`` tokens escapes the recipe's guard; a longer window catches it.
+    """
+    args = dict(NGRAM_ARGS)
+    if options.no_repeat_ngram_size is not None and options.no_repeat_ngram_size > 0:
+        args["ngram_size"] = min(args["ngram_size"], options.no_repeat_ngram_size)
+    if options.ngram_window is not None:
+        args["window_size"] = max(args["window_size"], options.ngram_window)
+    return args
+
 
 _RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
 _MAX_BACKOFF_SECONDS = 10.0
@@ -164,9 +183,16 @@ def page_text_from_completion(payload: Any) -> PageText:
         stop = "max_tokens"
     else:
         raise _Retryable(f"a completion with finish_reason {finish!r}")
+    # vLLM's OpenAI server always sends usage with a completion that is not streamed; others may not.
     usage = payload.get("usage") if isinstance(payload, dict) else None
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return PageText(text=content, stop_reason=stop, tokens=tokens if isinstance(tokens, int) else 0)
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return PageText(
+        text=content,
+        stop_reason=stop,
+        tokens=tokens if isinstance(tokens, int) else 0,
+        prompt_tokens=prompt if isinstance(prompt, int) else 0,
+    )
 
 
 class _TooLong(EngineError):
@@ -278,8 +304,11 @@ class RemoteEngine:
         if client is not None:
             await client.aclose()
 
-    def request_body(self, data_url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-        """The chat-completion body for one page, with the extras this server kind accepts."""
+    def request_body(
+        self, data_url: str, prompt: str, max_tokens: int, xargs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The chat-completion body for one page, with the extras this server kind accepts
+        (``xargs``: the n-gram processor's arguments for vLLM, ``NGRAM_ARGS`` when ``None``)."""
         body: dict[str, Any] = {
             "messages": [
                 {
@@ -298,14 +327,15 @@ class RemoteEngine:
         if self.server_kind in ("vllm", "sglang"):
             body["skip_special_tokens"] = False
         if self.server_kind == "vllm":
-            body["vllm_xargs"] = NGRAM_ARGS
+            body["vllm_xargs"] = NGRAM_ARGS if xargs is None else xargs
         return body
 
     async def recognize_page(self, image: Image.Image, options: RecognizeOptions) -> PageText:
         """One chat completion for ``image``; ``options.prompt`` is the text part.
 
         ``max_new_tokens`` and ``timeout_seconds`` of ``options`` do not apply: this engine's own
-        token cap and ``timeout_seconds`` do (``APP_VLLM_MAX_TOKENS``, ``APP_VLLM_TIMEOUT_SECONDS``).
+        token cap and ``timeout_seconds`` do (``APP_VLLM_MAX_TOKENS``, ``APP_VLLM_TIMEOUT_SECONDS``);
+        ``options.token_limit`` lowers that cap, and its n-gram fields go to vLLM (``ngram_args``).
         The size options only bound the prompt's length: the server decides the image geometry.
         Raises ``EngineError``; for a page the server finds too long even after the second try, or
         whose prompt alone fills the context, one that names the token counts.
@@ -320,7 +350,10 @@ class RemoteEngine:
             image_size=options.image_size,
             crop_mode=options.crop_mode,
         )
-        body = self.request_body(data_url, options.prompt, self.token_cap.max_tokens(bound))
+        limit = options.token_limit
+        body = self.request_body(
+            data_url, options.prompt, _lower(self.token_cap.max_tokens(bound), limit), ngram_args(options)
+        )
 
         def send() -> Awaitable[httpx.Response]:
             return client.post("/v1/chat/completions", json=body)
@@ -329,7 +362,7 @@ class RemoteEngine:
             return await self._call("a page", send, _completion_page)
         except _TooLong as exc:
             asked = body["max_tokens"]
-            body["max_tokens"] = self._room_left(exc.refusal, asked)
+            body["max_tokens"] = _lower(self._room_left(exc.refusal, asked), limit)
             log.info(
                 "OCR server %s refused a page asking for %d tokens; asking again for %d, the room its "
                 "context of %d leaves after the page's %d prompt tokens",
@@ -429,6 +462,11 @@ class RemoteEngine:
                 )
                 await asyncio.sleep(delay)
         raise EngineError(f"the OCR server at {self.url} failed {what} after {attempts} attempt(s): {cause}")
+
+
+def _lower(cap: int, limit: int | None) -> int:
+    """``cap``, lowered to ``limit`` when there is one."""
+    return cap if limit is None else min(cap, limit)
 
 
 def _json(response: httpx.Response) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from app.engines.base import END_MARKER, PageText, RecognizeOptions, StopReason
-from app.engines.vllm import NGRAM_ARGS
+from app.engines.vllm import ngram_args
 from app.errors import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class VllmEngine:
         self._gpu_memory_utilization = gpu_memory_utilization
         self._max_model_len = max_model_len
         self._engine: Any = None
-        self._sampling: Any = None
+        self._vllm: Any = None  # the vllm module, imported by start()
 
     async def start(self) -> None:
         """Import vLLM and build the engine; ``ModelUnavailable`` when vLLM is missing or unfit."""
@@ -94,12 +94,7 @@ class VllmEngine:
             engine = await asyncio.to_thread(vllm.AsyncLLMEngine.from_engine_args, args)
         except Exception as exc:  # CUDA missing or out of memory, a checkpoint vLLM cannot serve
             raise ModelUnavailable(f"vLLM cannot serve {self.model_name} here: {exc}") from exc
-        self._sampling = vllm.SamplingParams(
-            temperature=0.0,
-            max_tokens=self._max_tokens,
-            extra_args={**NGRAM_ARGS, "whitelist_token_ids": set(NGRAM_ARGS["whitelist_token_ids"])},
-            skip_special_tokens=False,
-        )
+        self._vllm = vllm
         self._engine = engine
         log.info("vLLM engine for %s started in this process", self.model_name)
 
@@ -109,17 +104,33 @@ class VllmEngine:
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
 
+    def _sampling(self, options: RecognizeOptions) -> Any:
+        """The recipe's sampling parameters for one page: greedy, special tokens kept, the n-gram
+        guard as ``options`` asks (``ngram_args``), ``options.token_limit`` below ``max_tokens``."""
+        xargs = ngram_args(options)
+        max_tokens = self._max_tokens
+        if options.token_limit is not None:
+            max_tokens = options.token_limit if max_tokens is None else min(max_tokens, options.token_limit)
+        return self._vllm.SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            # The processor reads a set of ids (the recipe passes one); JSON gave a list.
+            extra_args={**xargs, "whitelist_token_ids": set(xargs["whitelist_token_ids"])},
+            skip_special_tokens=False,
+        )
+
     async def recognize_page(self, image: Image.Image, options: RecognizeOptions) -> PageText:
         """One vLLM request for ``image`` with ``<image>\\n`` + ``options.prompt``."""
         engine = self._engine
         if engine is None:
             raise EngineError(f"the vLLM engine for {self.model_name} is not started")
         request = {"prompt": f"<image>\n{options.prompt}", "multi_modal_data": {"image": image}}
+        sampling = self._sampling(options)
         latest: Any = None
         try:
             async with asyncio.timeout(self._timeout):
                 # Leaving the generator early (on the timeout) aborts the request inside vLLM.
-                async for output in engine.generate(request, self._sampling, uuid.uuid4().hex):
+                async for output in engine.generate(request, sampling, uuid.uuid4().hex):
                     latest = output
         except TimeoutError:
             return _page_text(latest, timed_out=True)
@@ -134,6 +145,7 @@ def _page_text(output: Any, *, timed_out: bool) -> PageText:
         return PageText(text="", stop_reason="timeout", tokens=0)
     completion = output.outputs[0]
     text, tokens = completion.text, len(completion.token_ids)
+    prompt_tokens = len(output.prompt_token_ids or ())
     stop: StopReason
     if timed_out:
         stop = "timeout"
@@ -145,4 +157,4 @@ def _page_text(output: Any, *, timed_out: bool) -> PageText:
             text += END_MARKER
     else:
         raise EngineError(f"vLLM ended a page with finish_reason {completion.finish_reason!r}")
-    return PageText(text=text, stop_reason=stop, tokens=tokens)
+    return PageText(text=text, stop_reason=stop, tokens=tokens, prompt_tokens=prompt_tokens)

@@ -33,9 +33,23 @@ class AssembledPage:
     crops: list[tuple[str, Image.Image]]  # (file name, cropped RGB image), one per image box kept
     truncated: bool
     truncated_reason: str | None
+    # result.json's ``quality`` of the page (``PageQuality.as_json``); None where nothing judged it
+    quality: dict[str, Any] | None = None
+
+    @property
+    def suspect(self) -> bool:
+        """Whether the page's kept attempt is still suspect (``quality``)."""
+        return self.quality is not None and bool(self.quality["suspect"])
+
+    @property
+    def retries(self) -> int:
+        """The retry rungs the page climbed (its attempts after the first)."""
+        return 0 if self.quality is None else int(self.quality["attempts"]) - 1
 
 
-def assemble_page(page: PageImage, parsed: ParsedPage, index: int) -> AssembledPage:
+def assemble_page(
+    page: PageImage, parsed: ParsedPage, index: int, *, quality: dict[str, Any] | None = None
+) -> AssembledPage:
     """Build one page's Markdown, layout and crops from its parsed blocks, in reading order.
 
     Image blocks give one crop, Markdown link and layout block per box (crops named
@@ -44,7 +58,7 @@ def assemble_page(page: PageImage, parsed: ParsedPage, index: int) -> AssembledP
     (each box also listed under ``boxes`` when there are several). Blocks without boxes have a null
     ``bbox``. Every block also has ``bbox_pt`` (and ``boxes_pt`` beside ``boxes``), the same box in
     PDF points (see ``to_points``). The truncation flags are carried as given; the usable content is
-    kept either way.
+    kept either way. ``quality`` is carried as given.
     """
     size = page.image.size
     parts: list[str] = []
@@ -81,6 +95,7 @@ def assemble_page(page: PageImage, parsed: ParsedPage, index: int) -> AssembledP
         crops=crops,
         truncated=not parsed.finished,
         truncated_reason=parsed.truncated_reason,
+        quality=quality,
     )
 
 

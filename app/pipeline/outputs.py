@@ -32,15 +32,25 @@ class StoredPage:
     truncated: bool
     truncated_reason: str | None
     layout: dict[str, Any]
+    quality: dict[str, Any] | None = None  # PageQuality.as_json of the kept attempt
 
     @classmethod
     def of(cls, page: AssembledPage) -> StoredPage:
         """What is kept of ``page`` once it is stored."""
-        return cls(page.index, page.number, page.markdown, page.truncated, page.truncated_reason, page.layout)
+        return cls(
+            page.index,
+            page.number,
+            page.markdown,
+            page.truncated,
+            page.truncated_reason,
+            page.layout,
+            page.quality,
+        )
 
     def result_entry(self) -> dict[str, Any]:
-        """The page's entry in ``result.json``'s ``pages``."""
-        return {
+        """The page's entry in ``result.json``'s ``pages``: with ``quality`` (``{"text_layer_agreement",
+        "suspect", "reasons", "attempts", "rung"}``) for every page the pipeline judged."""
+        entry = {
             "index": self.index,
             "page": self.number,
             "markdown": self.markdown,
@@ -49,6 +59,9 @@ class StoredPage:
             **{key: self.layout[key] for key in ("width", "height", "dpi")},
             "blocks": self.layout["blocks"],
         }
+        if self.quality is not None:
+            entry["quality"] = self.quality
+        return entry
 
 
 class AssembledPages:

@@ -12,10 +12,12 @@ subverted by a crafted document must not be able to run code in the service by w
 
 Requests: ``{"op": "inspect", "path", "kind", "spec", "max_pages", "max_pixels"}`` answers
 ``{"ok": true, "page_count", "numbers"}``; ``{"op": "render", "path", "kind", "number", "dpi",
-"max_pixels"}`` answers ``{"ok": true, "width", "height", "dpi", "size", "png"}``: ``size`` bytes of
-pixels are in the shared file, then ``png`` bytes of the page as ``encode_lossless`` makes it (the
-image the engine is sent and previews are made from: encoding it here, in parallel with the
-service, is most of a page's cost). A refusal answers ``{"ok": false, "error": <class name in
+"max_pixels"}`` answers ``{"ok": true, "width", "height", "dpi", "size", "png", "text", "has_ink"}``:
+``size`` bytes of pixels are in the shared file, then ``png`` bytes of the page as
+``encode_lossless`` makes it (the image the engine is sent and previews are made from: encoding it
+here, in parallel with the service, is most of a page's cost), then ``text`` bytes of its text
+layer in UTF-8 (``null``: none; in the file, not the JSON, which would swell a CJK page's 200,000
+characters past ``MAX_HEADER_BYTES``). A refusal answers ``{"ok": false, "error": <class name in
 app.errors>, "message"}``.
 """
 
@@ -68,10 +70,13 @@ class _Pages:
         page = document.render(request["number"], dpi=request["dpi"], max_pixels=request["max_pixels"])
         pixels = page.image.tobytes()
         png = encode_lossless(page.image)
+        # MuPDF hands back lone surrogates of a crafted ToUnicode map as U+FFFD: this always encodes.
+        text = b"" if page.text_layer is None else page.text_layer.encode()
         # Truncating first gives back the pages of a larger page before it.
-        os.ftruncate(self._pixels, len(pixels) + len(png))
+        os.ftruncate(self._pixels, len(pixels) + len(png) + len(text))
         _write_at(self._pixels, pixels, 0)
         _write_at(self._pixels, png, len(pixels))
+        _write_at(self._pixels, text, len(pixels) + len(png))
         width, height = page.image.size
         return {
             "ok": True,
@@ -80,6 +85,8 @@ class _Pages:
             "dpi": page.dpi,
             "size": len(pixels),
             "png": len(png),
+            "text": None if page.text_layer is None else len(text),
+            "has_ink": page.has_ink,
         }
 
     def _open(self, path: str, kind: str) -> Document:

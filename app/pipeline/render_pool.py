@@ -14,7 +14,7 @@ multiprocessing's "spawn"): forking a service that holds torch and its threads i
 are read by the event loop itself, so no thread waits on a render. A page's pixels come back as raw
 RGB bytes in a shared memory file (a memfd) that each process writes and the service maps, with
 the page's lossless PNG, which the process encodes too (the engine is sent it; previews are made
-from it).
+from it), and the page's text layer.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from app.errors import (
     ServiceUnavailable,
     TooManyPages,
 )
-from app.pipeline.pages import Inspection, PageImage
+from app.pipeline.pages import TEXT_LAYER_MAX_CHARS, Inspection, PageImage
 from app.pipeline.render_child import LENGTH, MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 _PAGE_BUFFER_BYTES = 1 << 20
 # A PNG of noise is a little larger than its pixels; past this it is a broken process, not a page.
 _MAX_PNG_FACTOR = 2
+_MAX_TEXT_BYTES = 4 * TEXT_LAYER_MAX_CHARS  # UTF-8 takes at most 4 bytes a character
 _RESPAWN_BACKOFF_SECONDS = (1.0, 30.0)  # s, between failed starts of a replacement: first, most
 # The package root, for the child's import path: the service may run from any directory.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -148,15 +149,18 @@ class _Process:
             raise _Died("it sent something other than an object")
         return answer
 
-    def read_page(self, width: int, height: int, png: int) -> tuple[Image.Image, bytes]:
-        """The RGB page and its PNG the last render left in the shared file (blocking: a copy of
-        up to ``3 * max_pixels`` bytes and the PNG). Raises ``ValueError`` when the file holds fewer."""
+    def read_page(self, width: int, height: int, png: int, text: int) -> tuple[Image.Image, bytes, str]:
+        """The RGB page, its PNG and ``text`` bytes of its text layer the last render left in the
+        shared file (blocking: a copy of up to ``3 * max_pixels`` bytes, the PNG and the text).
+        Raises ``ValueError`` when the file holds fewer."""
         size = 3 * width * height
         with (
-            mmap.mmap(self._pixels, size + png, access=mmap.ACCESS_READ) as shared,
+            mmap.mmap(self._pixels, size + png + text, access=mmap.ACCESS_READ) as shared,
             memoryview(shared) as view,
         ):
-            return Image.frombytes("RGB", (width, height), view[:size]), bytes(view[size:])
+            # A broken process's bytes must not fail the page: "replace" keeps them harmless.
+            layer = str(view[size + png :], "utf-8", "replace")
+            return Image.frombytes("RGB", (width, height), view[:size]), bytes(view[size : size + png]), layer
 
     def how_it_ended(self) -> str:
         """How a reaped process ended, e.g. "killed by SIGSEGV"."""
@@ -298,9 +302,9 @@ class RenderPool:
         self, path: Path, kind: DocumentKind, number: int, *, dpi: float, max_pixels: int
     ) -> PageImage:
         """Render 1-based page ``number`` as ``app.pipeline.pages.Document.render`` does, in a
-        render process, with its ``png`` (``encode_lossless``) made there too. Raises what it
-        raises, and ``RenderTimeout`` or ``RenderMemoryExceeded`` naming the page when it passes a
-        limit. Cancelling this kills the render."""
+        render process, with its ``png`` (``encode_lossless``), ``text_layer`` and ``has_ink``
+        made there too. Raises what it raises, and ``RenderTimeout`` or ``RenderMemoryExceeded``
+        naming the page when it passes a limit. Cancelling this kills the render."""
         request = {
             "op": "render",
             "path": os.fspath(path),  # a relative path resolves alike: the processes share our cwd
@@ -312,7 +316,7 @@ class RenderPool:
         process, answer = await self._call(request, subject=f"page {number}", doing="render", document=path)
         try:
             width, height, page_dpi = answer.get("width"), answer.get("height"), answer.get("dpi")
-            png = answer.get("png")
+            png, text, ink = answer.get("png"), answer.get("text"), answer.get("has_ink")
             if not (
                 isinstance(width, int)
                 and isinstance(height, int)
@@ -322,9 +326,11 @@ class RenderPool:
                 and (page_dpi is None or isinstance(page_dpi, int | float))
                 and isinstance(png, int)
                 and 0 < png <= _MAX_PNG_FACTOR * 3 * width * height
+                and (text is None or (isinstance(text, int) and 0 < text <= _MAX_TEXT_BYTES))
+                and isinstance(ink, bool)
             ):
                 raise ValueError(f"it answered {answer!r}")
-            image, encoded = await asyncio.to_thread(process.read_page, width, height, png)
+            image, encoded, layer = await asyncio.to_thread(process.read_page, width, height, png, text or 0)
         except ValueError as exc:  # the shared file holds less than it said
             self._replace(process)
             raise PageFailed(f"page {number}: a render process broke the protocol: {exc}") from None
@@ -333,7 +339,12 @@ class RenderPool:
             raise
         self._release(process)
         return PageImage(
-            number=number, image=image, dpi=None if page_dpi is None else float(page_dpi), png=encoded
+            number=number,
+            image=image,
+            dpi=None if page_dpi is None else float(page_dpi),
+            png=encoded,
+            text_layer=None if text is None else layer,
+            has_ink=ink,
         )
 
     async def _call(

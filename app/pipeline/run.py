@@ -15,6 +15,17 @@ kept in memory. Results are assembled strictly in page order, so progress moves 
 
 A page's raw output is stored as soon as it exists, even ahead of earlier pages, so a task resumed
 after a restart re-renders its pages but recognises only those without a raw file.
+
+The retry ladder (issue 17): each attempt at a page is judged (``quality.assess``); a suspect page
+is recognised again, rung by rung (``PageJob.retries``, from ``app.tasks.options.ladder``), up to
+``PageJob.max_retries`` times, climbing only to rungs that remedy what the best attempt so far is
+suspect of, until an attempt is not suspect; the best attempt by ``PageQuality.rank`` is kept
+(the earlier of equals). A page's retries run when it is next to be assembled, in page order, so a
+retry never runs ahead of the first attempts of later pages: it is sent after those already sent
+(the ``hf`` engine runs calls one at a time, in the order they come) and no new first attempt is
+sent while it runs. Every attempt's raw output is stored (``raw/pNNNN.rK.json`` for rung ``K``) as
+soon as it exists, and a resumed task reads back the rungs it finds instead of running them again.
+A page's seconds are those of all its attempts.
 """
 
 from __future__ import annotations
@@ -23,8 +34,9 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -35,9 +47,10 @@ from app.engines.vllm import LOSSLESS_PNG, LosslessPng
 from app.errors import DsocrError, PageFailed
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage, assemble_page
-from app.pipeline.grounding import parse_page
+from app.pipeline.grounding import ParsedPage, parse_page
 from app.pipeline.outputs import AssembledPages
 from app.pipeline.pages import PageImage
+from app.pipeline.quality import PageQuality, assess
 from app.pipeline.render_pool import RenderPool
 from app.storage.base import TaskStore
 
@@ -56,6 +69,15 @@ _OWN_POOL_MEMORY_MB = 8192
 
 
 @dataclass(frozen=True)
+class Rung:
+    """One rung of the retry ladder: what the engine is asked, and the reasons it may cure (the
+    names of ``app.pipeline.quality.REASONS``)."""
+
+    options: RecognizeOptions
+    remedies: frozenset[str]
+
+
+@dataclass(frozen=True)
 class PageJob:
     """Everything the pipeline needs to know about one task; no HTTP, no task record."""
 
@@ -68,6 +90,19 @@ class PageJob:
     batch_size: int  # the most pages per call to a batch engine (also capped by the engine)
     recognize: RecognizeOptions
     lease: int = 0  # the worker's lease on the task: results are written under it (app.storage.base)
+    retries: Sequence[Rung] = ()  # the ladder's rungs 1, 2, ... (rung 0 is ``recognize``)
+    max_retries: int = 0  # APP_PAGE_RETRIES: the most rungs one page climbs (0: no retries)
+    min_agreement: float = 0.5  # APP_QUALITY_MIN_AGREEMENT, below which a page is suspect
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One attempt at a page, judged."""
+
+    rung: int
+    text: PageText
+    parsed: ParsedPage
+    quality: PageQuality
 
 
 @dataclass(frozen=True)
@@ -157,7 +192,7 @@ class PagePipeline:
                         if batch:  # keep page order: the pages before this one go first
                             assert limits is not None
                             await send(limits)
-                        text = PageText(saved["text"], saved["stop_reason"], saved.get("tokens", 0))
+                        text = _saved_text(saved)
                         held.append(_Call([page], _resolved([(text, 0.0)])))
                         continue
                     if limits is None:
@@ -239,7 +274,16 @@ class PagePipeline:
             call = held.popleft()
             for page, (text, seconds) in zip(call.pages, call.result.result(), strict=True):
                 check_interrupt()
-                await self._finish_page(job, page, text, len(done), done, on_page, seconds=seconds)
+                await self._finish_page(
+                    job,
+                    page,
+                    text,
+                    len(done),
+                    done,
+                    on_page,
+                    seconds=seconds,
+                    check_interrupt=check_interrupt,
+                )
 
     async def _recognize(self, job: PageJob, batch: list[PageImage]) -> Recognized:
         """Recognise one call's pages and store each page's raw output at once."""
@@ -254,15 +298,79 @@ class PagePipeline:
             raise
         seconds = (time.perf_counter() - started) / len(batch)
         for page, text in zip(batch, texts, strict=True):
-            payload = {
-                "page": page.number,
-                "text": text.text,
-                "stop_reason": text.stop_reason,
-                "tokens": text.tokens,
-                "seconds": round(seconds, 3),
-            }
+            payload = _raw_payload(page, text, seconds, 0, job.recognize)
             await asyncio.to_thread(self._store.write_raw, job.task_id, page.number, payload)
         return [(text, seconds) for text in texts]
+
+    async def _climb(
+        self, job: PageJob, page: PageImage, first: PageText, check_interrupt: Callable[[], None]
+    ) -> tuple[_Attempt, int, float]:
+        """The page's best attempt, how many attempts it had and their seconds (0 for those read
+        back from raw/), after climbing the ladder as far as the page needs (module docstring).
+
+        A rung whose request the engine would make exactly as an earlier attempt's is passed over:
+        decoding is greedy, so it would give the same answer (the ``vllm`` engines leave the image
+        geometry to vLLM, so the resolution rung changes nothing they send).
+        """
+        best = await self._judge(job, page, 0, first)
+        attempts, seconds = 1, 0.0
+        sent = [job.recognize]
+        for number, rung in enumerate(job.retries, start=1):
+            if attempts > job.max_retries or not best.quality.suspect:
+                break
+            if not rung.remedies.intersection(best.quality.reasons):
+                continue
+            check_interrupt()
+            saved = await asyncio.to_thread(self._store.read_raw, job.task_id, page.number, number)
+            if saved is not None:
+                text = _saved_text(saved)
+            else:
+                limits = await self._limits(page)
+                if any(_same_request(rung.options, other, limits) for other in sent):
+                    continue
+                text, spent = await self._retry(job, page, number, rung.options)
+                seconds += spent
+            sent.append(rung.options)
+            attempts += 1
+            attempt = await self._judge(job, page, number, text)
+            if attempt.quality.rank() > best.quality.rank():
+                best = attempt
+        return best, attempts, seconds
+
+    async def _retry(
+        self, job: PageJob, page: PageImage, number: int, options: RecognizeOptions
+    ) -> tuple[PageText, float]:
+        """Recognise ``page`` again with rung ``number``'s options and store the attempt at once."""
+        started = time.perf_counter()
+        try:
+            (text,) = await self._models.recognize([_for_engine(page)], options)
+        except DsocrError as exc:
+            exc.message = f"page {page.number}, retry rung {number}: {exc.message}"
+            raise
+        seconds = time.perf_counter() - started
+        payload = _raw_payload(page, text, seconds, number, options)
+        await asyncio.to_thread(self._store.write_raw, job.task_id, page.number, payload, number)
+        self._metrics.page_retries.inc()
+        return text, seconds
+
+    async def _judge(self, job: PageJob, page: PageImage, rung: int, text: PageText) -> _Attempt:
+        """Parse one attempt and assess it (in a thread: parsing a long page takes a while)."""
+
+        def judge() -> _Attempt:
+            parsed = parse_page(text.text, text.stop_reason)
+            quality = assess(
+                text,
+                parsed,
+                text_layer=page.text_layer,
+                has_ink=page.has_ink,
+                min_agreement=job.min_agreement,
+            )
+            return _Attempt(rung, text, parsed, quality)
+
+        try:
+            return await asyncio.to_thread(judge)
+        except Exception as exc:  # a parser bug must fail this task with the page named, not the worker
+            raise PageFailed(f"page {page.number}: {type(exc).__name__}: {exc}") from exc
 
     async def _finish_page(
         self,
@@ -274,25 +382,34 @@ class PagePipeline:
         on_page: OnPage,
         *,
         seconds: float,
+        check_interrupt: Callable[[], None],
     ) -> None:
+        """Climb the ladder for the page (``_climb``), then assemble and store its best attempt."""
+        kept, attempts, retry_seconds = await self._climb(job, page, text, check_interrupt)
+        seconds += retry_seconds
+        quality = kept.quality.as_json(attempts=attempts, rung=kept.rung)
         try:
-            assembled = await asyncio.to_thread(self._assemble, job, page, text, index, done)
+            assembled = await asyncio.to_thread(self._assemble, job, page, kept.parsed, quality, index, done)
         except DsocrError:
             raise
-        except (
-            Exception
-        ) as exc:  # a parser or crop bug must fail this task with the page named, not the worker
+        except Exception as exc:  # a crop bug must fail this task with the page named, not the worker
             raise PageFailed(f"page {page.number}: {type(exc).__name__}: {exc}") from exc
+        self._metrics.observe_quality(kept.quality)
         if seconds:
             self._metrics.page_duration.observe(seconds)
             self._metrics.pages_processed.labels("truncated" if assembled.truncated else "complete").inc()
         await on_page(assembled, seconds)
 
     def _assemble(
-        self, job: PageJob, page: PageImage, text: PageText, index: int, done: AssembledPages
+        self,
+        job: PageJob,
+        page: PageImage,
+        parsed: ParsedPage,
+        quality: dict[str, Any],
+        index: int,
+        done: AssembledPages,
     ) -> AssembledPage:
-        parsed = parse_page(text.text, text.stop_reason)
-        assembled = assemble_page(page, parsed, index)
+        assembled = assemble_page(page, parsed, index, quality=quality)
         for name, crop in assembled.crops:
             self._store.write_image(job.task_id, name, crop, lease=job.lease)
         done.add(assembled)
@@ -356,6 +473,39 @@ def _for_engine(page: PageImage) -> Image.Image:
     if page.png is not None:
         page.image.info[LOSSLESS_PNG] = LosslessPng(page.image.size, page.png)
     return page.image
+
+
+def _raw_payload(
+    page: PageImage, text: PageText, seconds: float, rung: int, options: RecognizeOptions
+) -> dict[str, Any]:
+    """What ``raw/`` keeps of one attempt: the model's output verbatim, and the rung that asked."""
+    return {
+        "page": page.number,
+        "text": text.text,
+        "stop_reason": text.stop_reason,
+        "tokens": text.tokens,
+        "prompt_tokens": text.prompt_tokens,
+        "seconds": round(seconds, 3),
+        "rung": rung,
+        "options": asdict(options),
+    }
+
+
+def _saved_text(saved: dict[str, Any]) -> PageText:
+    """An attempt read back from ``raw/`` (files of earlier versions lack the newer counts)."""
+    return PageText(
+        saved["text"], saved["stop_reason"], saved.get("tokens", 0), saved.get("prompt_tokens", 0)
+    )
+
+
+def _same_request(options: RecognizeOptions, other: RecognizeOptions, limits: DispatchLimits) -> bool:
+    """Whether the engine would send ``options`` exactly as ``other`` (the sizes count only where
+    the engine applies them)."""
+    if not limits.sizes_apply:
+        other = replace(
+            other, base_size=options.base_size, image_size=options.image_size, crop_mode=options.crop_mode
+        )
+    return options == other
 
 
 def _resolved(value: Recognized) -> asyncio.Future[Recognized]:

@@ -34,6 +34,14 @@ Chunks = bytes | Iterable[bytes]
 PREVIEW_MAX_SIDE = 1600  # px; enough to read a page in the console, about 130 kB a page as WebP
 
 
+def raw_name(number: int, attempt: int = 0) -> str:
+    """The file name of page ``number``'s raw output: ``pNNNN.json`` for the first attempt,
+    ``pNNNN.rK.json`` for retry rung ``K``."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be 0 or more, not {attempt}")
+    return f"p{number:04d}.json" if attempt == 0 else f"p{number:04d}.r{attempt}.json"
+
+
 def chunks_of(data: Chunks) -> Iterable[bytes]:
     """``data`` as chunks: whole bytes are one."""
     return (data,) if isinstance(data, bytes) else data
@@ -134,9 +142,14 @@ class TaskStore(Protocol):
     def input_file(self, record: TaskRecord) -> contextlib.AbstractContextManager[Path]:
         """A local path to the task's input, valid inside the ``with`` block."""
 
-    def write_raw(self, task_id: str, number: int, payload: dict[str, Any]) -> None: ...
+    def write_raw(self, task_id: str, number: int, payload: dict[str, Any], attempt: int = 0) -> None:
+        """Store the model's output for page ``number``: its first attempt (``attempt`` 0,
+        ``raw/pNNNN.json``) or the retry rung ``attempt`` (``raw/pNNNN.rK.json``), replacing any
+        earlier one. Every attempt is kept; ``delete`` removes them with the task."""
 
-    def read_raw(self, task_id: str, number: int) -> dict[str, Any] | None: ...
+    def read_raw(self, task_id: str, number: int, attempt: int = 0) -> dict[str, Any] | None:
+        """What ``write_raw`` stored for page ``number`` and ``attempt``; ``None`` when nothing
+        (or something unreadable) is stored there."""
 
     def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
         """Store page ``number`` as rendered, a lossless PNG (``app.pipeline.pages.encode_lossless``

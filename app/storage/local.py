@@ -5,6 +5,7 @@ Layout, one directory per task under ``<data_dir>/tasks/<task_id>/``::
     task.json      the record, written atomically (temp file + fsync + rename)
     input/<name>   the original upload or download
     raw/pNNNN.json the model's raw output per page, written as soon as the page is done
+    raw/pNNNN.rK.json  the output of the page's retry rung K, when it was retried
     pages/pNNNN.png  each rendered page, lossless, written as it renders
     pages/pNNNN.webp its preview (at most 1600 px a side), made from it when first asked for
     images/        figure crops, pNNNN_NN.png
@@ -36,7 +37,15 @@ from PIL import Image
 from app.errors import ResultNotFound, StorageError, TaskNotFound
 from app.records import TASK_ID_PATTERN, TaskRecord
 from app.result_files import IMAGE_NAME, RESULT_FILES
-from app.storage.base import Chunks, RecordSummary, chunks_of, encode_png, encode_preview, summary_of
+from app.storage.base import (
+    Chunks,
+    RecordSummary,
+    chunks_of,
+    encode_png,
+    encode_preview,
+    raw_name,
+    summary_of,
+)
 
 KEY_NAME = re.compile(r"^[0-9a-f]{64}$")  # an idempotency entry: a SHA-256 hex digest, never the key
 
@@ -195,13 +204,14 @@ class LocalStore:
             raise StorageError(f"the input of task {record.task_id} is missing")
         yield path
 
-    def write_raw(self, task_id: str, number: int, payload: dict[str, Any]) -> None:
+    def write_raw(self, task_id: str, number: int, payload: dict[str, Any], attempt: int = 0) -> None:
         raw_dir = self._dir(task_id) / "raw"
         raw_dir.mkdir(exist_ok=True)
-        _atomic_write(raw_dir / f"p{number:04d}.json", json.dumps(payload, ensure_ascii=False).encode())
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        _atomic_write(raw_dir / raw_name(number, attempt), data)
 
-    def read_raw(self, task_id: str, number: int) -> dict[str, Any] | None:
-        path = self._dir(task_id) / "raw" / f"p{number:04d}.json"
+    def read_raw(self, task_id: str, number: int, attempt: int = 0) -> dict[str, Any] | None:
+        path = self._dir(task_id) / "raw" / raw_name(number, attempt)
         try:
             return json.loads(path.read_bytes())
         except FileNotFoundError:

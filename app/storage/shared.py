@@ -4,6 +4,7 @@ Any API replica serves any task and any worker runs it. Object keys, under ``APP
 
     tasks/<id>/input/<name>            the upload or download
     tasks/<id>/raw/pNNNN.json          the model's output per page (what a resumed task reuses)
+    tasks/<id>/raw/pNNNN.rK.json       the output of the page's retry rung K, likewise
     tasks/<id>/pages/pNNNN.png         each rendered page, lossless
     tasks/<id>/pages/pNNNN.webp        its preview, made from it when first asked for
     tasks/<id>/out/<lease>/full.md     results of the attempt holding lease <lease>: full.md,
@@ -38,7 +39,7 @@ from PIL import Image
 from app.errors import BackendUnavailable, BucketRefused, ObjectMissing, ResultNotFound, StorageError
 from app.records import TASK_ID_PATTERN, TaskRecord
 from app.result_files import IMAGE_NAME, PREVIEW_CONTENT_TYPE, RESULT_FILES
-from app.storage.base import Chunks, RecordSummary, encode_png, encode_preview
+from app.storage.base import Chunks, RecordSummary, encode_png, encode_preview, raw_name
 from app.storage.redis_records import RedisRecords
 from app.storage.s3 import S3Bucket, bucket_errors
 
@@ -200,12 +201,12 @@ class SharedStore:
         finally:
             Path(name).unlink(missing_ok=True)
 
-    def write_raw(self, task_id: str, number: int, payload: dict[str, Any]) -> None:
+    def write_raw(self, task_id: str, number: int, payload: dict[str, Any], attempt: int = 0) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
-        self._put(self._key(task_id, "raw", f"p{number:04d}.json"), data, "application/json")
+        self._put(self._key(task_id, "raw", raw_name(number, attempt)), data, "application/json")
 
-    def read_raw(self, task_id: str, number: int) -> dict[str, Any] | None:
-        body = self._get(self._key(task_id, "raw", f"p{number:04d}.json"))
+    def read_raw(self, task_id: str, number: int, attempt: int = 0) -> dict[str, Any] | None:
+        body = self._get(self._key(task_id, "raw", raw_name(number, attempt)))
         if body is None:
             return None
         with body:

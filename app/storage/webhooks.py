@@ -5,10 +5,16 @@ Every try sends the same JSON body with these headers::
     Content-Type: application/json
     X-Dsocr-Event: task.succeeded | task.failed | task.canceled
     X-Dsocr-Delivery: <id, the same on every try of one delivery>
-    X-Dsocr-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f"{t}.{body}")>
+    X-Dsocr-Signature: t=<unix seconds>,v2=<hex HMAC-SHA256(secret, f"{t}.{delivery}.{event}.{body}")>
 
-A receiver recomputes the HMAC over ``t``, a dot and the raw body, compares in constant time, and
-refuses a ``t`` far from its clock (replays); ``verify_signature`` is the reference. A 2xx answer
+The secret is the task's tenant's own ``webhook_secret`` where the tenants file gives it one, else
+``APP_WEBHOOK_SECRET``: no tenant's receiver holds a key that signs another tenant's deliveries.
+Scheme ``v2`` signs the delivery id and the event with the body, so a captured delivery cannot be
+replayed under another id (past a receiver's de-duplication) or as another event; ``v1`` signed
+only ``t`` and the body and is no longer sent. The fields are unambiguous with dots between them:
+``t`` is digits, the delivery id hex, the event one of three fixed names. A receiver recomputes the
+HMAC, compares in constant time, and refuses a ``t`` far from its clock (replays);
+``verify_signature`` is the reference, and refuses a malformed header without raising. A 2xx answer
 ends the delivery; anything else (another status, a redirect, no answer) is tried again after a
 doubling wait, up to ``max_attempts`` tries. Connections go through the URL tasks' address guard,
 checked where the socket is opened, so a callback cannot reach a private address by DNS tricks.
@@ -44,12 +50,18 @@ EVENT_HEADER = "X-Dsocr-Event"
 DELIVERY_HEADER = "X-Dsocr-Delivery"
 MAX_BACKOFF_SECONDS = 300.0
 SIGNATURE_TOLERANCE_SECONDS = 300  # how old a signature ``verify_signature`` accepts by default
+SCHEME = "v2"  # the signature's version, its key in the header
 
 
-def sign(secret: bytes, body: bytes, timestamp: int) -> str:
-    """The ``X-Dsocr-Signature`` value for ``body`` sent at ``timestamp`` (unix seconds)."""
-    mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+def _mac(secret: bytes, body: bytes, timestamp: int, *, event: str, delivery_id: str) -> str:
+    signed = f"{timestamp}.{delivery_id}.{event}.".encode() + body
+    return hmac.new(secret, signed, hashlib.sha256).hexdigest()
+
+
+def sign(secret: bytes, body: bytes, timestamp: int, *, event: str, delivery_id: str) -> str:
+    """The ``X-Dsocr-Signature`` value for ``body`` of delivery ``delivery_id`` of ``event``, sent at
+    ``timestamp`` (unix seconds)."""
+    return f"t={timestamp},{SCHEME}={_mac(secret, body, timestamp, event=event, delivery_id=delivery_id)}"
 
 
 def verify_signature(
@@ -57,19 +69,31 @@ def verify_signature(
     body: bytes,
     header: str,
     *,
+    event: str,
+    delivery_id: str,
     tolerance_seconds: float = SIGNATURE_TOLERANCE_SECONDS,
     now: float | None = None,
 ) -> bool:
-    """Whether ``header`` signs ``body`` with ``secret`` within ``tolerance_seconds`` of ``now``."""
-    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
-    timestamp, given = fields.get("t", ""), fields.get("v1", "")
+    """Whether ``header`` signs ``body``, ``event`` and ``delivery_id`` with ``secret`` (scheme
+    ``v2``) within ``tolerance_seconds`` of ``now``. Any malformed header is ``False``, never an
+    exception: a part without ``=``, a repeated or missing field, a ``t`` that is not a few ASCII
+    digits, a signature that is not 64 hex digits."""
+    fields: dict[str, str] = {}
+    for part in header.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or name in fields:
+            return False  # a repeated field could hide a second signature behind the first
+        fields[name] = value
+    timestamp, given = fields.get("t", ""), fields.get(SCHEME, "")
     # ASCII digits only (str.isdigit accepts "²", which int refuses), and few of them.
-    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12 or not given:
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
+        return False
+    if not (len(given) == 64 and given.isascii() and all(c in "0123456789abcdef" for c in given)):
         return False
     if abs((time.time() if now is None else now) - int(timestamp)) > tolerance_seconds:
         return False
-    expected = sign(secret, body, int(timestamp)).split("v1=", 1)[1]
-    return hmac.compare_digest(expected.encode(), given.encode())
+    expected = _mac(secret, body, int(timestamp), event=event, delivery_id=delivery_id)
+    return hmac.compare_digest(expected, given)
 
 
 async def check_callback_url(url: str, *, allow_private: bool) -> None:
@@ -107,19 +131,18 @@ class Attempt:
 
 
 class WebhookSender:
-    """Delivers signed webhooks with retries; one instance serves the whole service."""
+    """Delivers signed webhooks with retries; one instance serves the whole service (each delivery
+    brings the secret it is signed with: its tenant's, or the service's)."""
 
     def __init__(
         self,
         *,
-        secret: bytes,
         allow_private: bool,
         timeout_seconds: float,
         max_attempts: int,
         backoff_seconds: float,
         user_agent: str,
     ) -> None:
-        self._secret = secret
         self.allow_private = allow_private
         self._timeout = timeout_seconds  # the deadline of one try, from connecting to the answer's headers
         self._max_attempts = max_attempts
@@ -131,11 +154,13 @@ class WebhookSender:
         url: str,
         body: bytes,
         *,
+        secret: bytes,
         event: str,
         delivery_id: str,
         on_attempt: Callable[[Attempt], Awaitable[None]],
     ) -> Attempt:
-        """POST ``body`` until the receiver answers 2xx or the tries run out; returns the last try.
+        """POST ``body``, signed with ``secret``, until the receiver answers 2xx or the tries run
+        out; returns the last try.
 
         ``on_attempt`` is awaited after every try (to record progress). A host that resolves to a
         non-public address ends the delivery at once: trying again cannot make it allowed.
@@ -149,7 +174,7 @@ class WebhookSender:
         async with client:
             number = 1
             while True:
-                attempt = await self._try(client, url, body, event, delivery_id, number)
+                attempt = await self._try(client, url, body, secret, event, delivery_id, number)
                 await on_attempt(attempt)
                 if attempt.delivered or attempt.permanent or number >= self._max_attempts:
                     return attempt
@@ -165,7 +190,14 @@ class WebhookSender:
                 number += 1
 
     async def _try(
-        self, client: httpx.AsyncClient, url: str, body: bytes, event: str, delivery_id: str, number: int
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        body: bytes,
+        secret: bytes,
+        event: str,
+        delivery_id: str,
+        number: int,
     ) -> Attempt:
         headers = {
             "Content-Type": "application/json",
@@ -173,7 +205,7 @@ class WebhookSender:
             "Accept-Encoding": "identity",  # nothing to decompress: the body is not read anyway
             EVENT_HEADER: event,
             DELIVERY_HEADER: delivery_id,
-            SIGNATURE_HEADER: sign(self._secret, body, int(time.time())),
+            SIGNATURE_HEADER: sign(secret, body, int(time.time()), event=event, delivery_id=delivery_id),
         }
         try:
             with anyio.fail_after(self._timeout):

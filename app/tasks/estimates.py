@@ -1,14 +1,15 @@
 """Queue positions and start/end estimates for queued tasks, from measured seconds per page.
 
 The queue holds task ids only (``queue.py``), so the task service keeps this board beside it: every
-task waiting or running in this process, in the order the queue hands them out, with its pages.
-A queued task's start is estimated from the pages still to do ahead of it (the rest of the running
-tasks, all of the queued tasks before it) shared among the workers; its end adds its own pages.
+task waiting or running in this process, with its pages. A queued task's start is estimated from
+the pages still to do ahead of it (the rest of the running tasks, and the queued tasks the queue's
+fair-share schedule starts before it) shared among the workers; its end adds its own pages.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -26,18 +27,18 @@ class _Entry:
 
 
 class QueueBoard:
-    """Tasks waiting or running in this process, in queue order, and the measured seconds per page.
+    """Tasks waiting or running in this process, and the measured seconds per page.
 
     Not thread-safe: called from the event loop (and from ``recover`` before the loop serves).
     """
 
     def __init__(self, *, workers: int) -> None:
         self._workers = workers
-        self._entries: dict[str, _Entry] = {}  # insertion order is queue order
+        self._entries: dict[str, _Entry] = {}
         self.seconds_per_page: float | None = None  # None until a page was timed
 
     def queued(self, task_id: str, pages_total: int) -> None:
-        """The task joined the end of the queue."""
+        """The task joined the queue."""
         self._entries[task_id] = _Entry(pages_total)
 
     def started(self, task_id: str) -> None:
@@ -68,18 +69,17 @@ class QueueBoard:
         """The task ended, was canceled, or no longer waits in this process (shutdown)."""
         self._entries.pop(task_id, None)
 
-    def estimate(self, task_id: str, now: datetime) -> QueueEstimate | None:
-        """Where a queued task stands; ``None`` for a task that is running or not on the board."""
+    def estimate(self, task_id: str, now: datetime, ahead: Collection[str]) -> QueueEstimate | None:
+        """Where a queued task stands, ``ahead`` being the tasks that start before it
+        (``MemoryQueue.ahead``); ``None`` for a task that is running or not on the board."""
         entry = self._entries.get(task_id)
         if entry is None or entry.running:
             return None
-        position, pages_ahead, ahead = 1, 0, True
+        position, pages_ahead = 1, 0
         for other_id, other in self._entries.items():
-            if other_id == task_id:
-                ahead = False
-            elif other.running:
+            if other.running:
                 pages_ahead += max(other.pages_total - other.pages_done, 0)
-            elif ahead:
+            elif other_id in ahead:
                 position += 1
                 pages_ahead += other.pages_total
         if self.seconds_per_page is None:

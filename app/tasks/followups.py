@@ -6,6 +6,11 @@ and success; a webhook, when it has a ``callback_url``) before that final record
 Neither can delay the task's end, change its status or touch its results: a publish or delivery
 that fails is recorded on ``record.publish`` / ``record.webhook`` and nowhere else.
 
+A webhook is signed with the secret of the task's tenant (``webhook_secret`` in the tenants file)
+where it has one, else with ``APP_WEBHOOK_SECRET``, looked up when the delivery starts, so a
+rotated secret applies to deliveries still to come; a task whose tenant has no secret and a service
+without ``APP_WEBHOOK_SECRET`` cannot carry a ``callback_url``.
+
 Once a task is final, only this class writes its record, under one lock, so a publish and a
 delivery of the same task never overwrite each other. Work cut short by a shutdown stays
 ``pending`` or ``running`` on disk and ``resume`` starts it again at the next start.
@@ -33,6 +38,7 @@ from app.storage.base import TaskStore
 from app.storage.publish import Publisher
 from app.storage.webhooks import Attempt, WebhookSender, check_callback_url
 from app.tasks.downloads import Exports
+from app.tenants import Tenants
 from app.views import TaskView
 
 log = logging.getLogger(__name__)
@@ -52,12 +58,19 @@ class FollowUps:
         webhooks: WebhookSender | None,
         auto_publish: bool,
         metrics: Metrics,
+        webhook_secret: bytes | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
+        """``webhooks``: the sender (``None``: no webhooks at all); ``webhook_secret``
+        (``APP_WEBHOOK_SECRET``) signs the deliveries of tasks whose tenant in ``tenants`` has no
+        secret of its own."""
         self._store = store
         self._metrics = metrics
         self._publisher = publisher
         self._exports = Exports(store)  # what a bucket publish uploads beside the stored files
-        self._webhooks = webhooks  # None: APP_WEBHOOK_SECRET unset, tasks cannot ask for webhooks
+        self._webhooks = webhooks
+        self._webhook_secret = webhook_secret
+        self._tenants = tenants
         self._auto_publish = auto_publish
         self._lock = asyncio.Lock()
         self._jobs: set[asyncio.Task[None]] = set()
@@ -65,13 +78,22 @@ class FollowUps:
 
     # --- at submit ---
 
-    async def check_callback(self, url: str) -> None:
-        """Refuse a ``callback_url`` this service cannot deliver to; raises before anything is stored."""
-        if self._webhooks is None:
+    async def check_callback(self, url: str, tenant: str | None = None) -> None:
+        """Refuse a ``callback_url`` this service cannot deliver to or sign for ``tenant``; raises
+        before anything is stored."""
+        if self._webhooks is None or self.secret_for(tenant) is None:
             raise InvalidOptions(
-                "callback_url needs webhooks enabled on the server (APP_WEBHOOK_SECRET) to sign them"
+                "callback_url needs a secret to sign webhooks with: APP_WEBHOOK_SECRET on the server, "
+                "or a webhook_secret of the tenant in APP_TENANTS_FILE"
             )
         await check_callback_url(url, allow_private=self._webhooks.allow_private)
+
+    def secret_for(self, tenant: str | None) -> bytes | None:
+        """The key that signs ``tenant``'s webhooks: its own, else ``APP_WEBHOOK_SECRET``, else none."""
+        found = self._tenants.get(tenant) if self._tenants is not None and tenant is not None else None
+        if found is not None and found.webhook_secret is not None:
+            return found.webhook_secret.get_secret_value().encode()
+        return self._webhook_secret
 
     # --- when a task ends ---
 
@@ -191,8 +213,13 @@ class FollowUps:
         record = await self._update(task_id, start)
         assert record.webhook is not None
         assert record.options.callback_url is not None
-        if self._webhooks is None:  # the secret was removed since the task was accepted
-            await self._end_delivery(task_id, None, "webhooks are off on the server (no APP_WEBHOOK_SECRET)")
+        secret = self.secret_for(record.tenant)
+        if self._webhooks is None or secret is None:  # the secret was removed since the task was accepted
+            await self._end_delivery(
+                task_id,
+                None,
+                "no secret to sign with any more (APP_WEBHOOK_SECRET, the tenant's webhook_secret)",
+            )
             return
         body = TaskView.from_record(record).model_dump_json(by_alias=True).encode()
 
@@ -207,6 +234,7 @@ class FollowUps:
         last = await self._webhooks.deliver(
             record.options.callback_url,
             body,
+            secret=secret,
             event=f"task.{record.status.value}",
             delivery_id=record.webhook.delivery_id,
             on_attempt=record_attempt,

@@ -21,6 +21,7 @@ from app.json_depth import MAX_JSON_DEPTH, json_nesting_exceeds
 from app.pipeline.sources import fetch_url, receive_multipart
 from app.records import TaskOptions
 from app.tasks.service import Created, TaskService
+from app.tenants import Tenant, Tenants
 
 
 class Intake:
@@ -28,8 +29,9 @@ class Intake:
 
     ``spool`` returns a fresh path in the store's spool directory (``TaskStore.spool_path``) where a
     document is written before a task takes it. ``max_upload_bytes`` bounds an uploaded or fetched
-    document; ``allow_private``, the timeouts (seconds) and ``max_redirects`` are those of
-    ``fetch_url``.
+    document, unless the caller's tenant (found in ``tenants`` by the caller's owner id) has a
+    ``max_upload_mb`` of its own; ``allow_private``, the timeouts (seconds) and ``max_redirects``
+    are those of ``fetch_url``.
     """
 
     def __init__(
@@ -42,8 +44,10 @@ class Intake:
         connect_timeout: float,
         read_timeout: float,
         max_redirects: int,
+        tenants: Tenants | None = None,
     ) -> None:
         self._tasks = tasks
+        self._tenants = tenants
         self._spool = spool
         self._max_bytes = max_upload_bytes
         self._allow_private = allow_private
@@ -64,14 +68,16 @@ class Intake:
         of its other fields (``_options_from_form``); with an ``idempotency_key`` seen before, find
         that key's task instead.
 
-        Raises ``QueueFull`` before reading the body; what ``receive_multipart`` raises
-        (``PayloadTooLarge``, ``UnsupportedMediaType``, ``InvalidOptions``, ``InvalidDocument``);
+        Raises ``QueueFull``, or ``QuotaExceeded`` for a tenant at a limit, before reading the body;
+        what ``receive_multipart`` raises (``PayloadTooLarge``, ``UnsupportedMediaType``,
+        ``InvalidOptions``, ``InvalidDocument``);
         ``InvalidOptions`` for unusable options; and what ``TaskService.create_from_upload`` raises.
         The spooled file is moved into the new task or deleted, whatever happens.
         """
-        await self._tasks.ensure_capacity()
+        tenant = self._tenant(owner)
+        await self._tasks.ensure_capacity(tenant)
         form = await receive_multipart(
-            content_type, content_length, body, self._spool(), max_bytes=self._max_bytes
+            content_type, content_length, body, self._spool(), max_bytes=self._max_upload_bytes(tenant)
         )
         try:
             options = _options_from_form(form.fields)
@@ -79,7 +85,7 @@ class Intake:
             form.file.path.unlink(missing_ok=True)
             raise
         return await self._tasks.create_from_upload(
-            form.file, options, owner=owner, idempotency_key=idempotency_key
+            form.file, options, owner=owner, idempotency_key=idempotency_key, tenant=tenant
         )
 
     async def from_url(
@@ -88,25 +94,35 @@ class Intake:
         """Queue the document at an http(s) ``url``; with an ``idempotency_key`` seen before, find
         that key's task instead, without downloading anything.
 
-        Raises ``QueueFull`` before downloading; what ``fetch_url`` raises (``UrlNotAllowed``,
-        ``UrlFetchFailed``, ``PayloadTooLarge``, ``UnsupportedMediaType``, ``InvalidDocument``),
+        Raises ``QueueFull``, or ``QuotaExceeded`` for a tenant at a limit, before downloading; what
+        ``fetch_url`` raises (``UrlNotAllowed``, ``UrlFetchFailed``, ``PayloadTooLarge``,
+        ``UnsupportedMediaType``, ``InvalidDocument``),
         having deleted what it wrote; and what ``TaskService.create_from_url`` raises.
         """
-        await self._tasks.ensure_capacity()
+        tenant = self._tenant(owner)
+        await self._tasks.ensure_capacity(tenant)
         # Called by the service only once the Idempotency-Key check says a task is to be created.
         fetch = functools.partial(
             fetch_url,
             url,
             self._spool(),
-            max_bytes=self._max_bytes,
+            max_bytes=self._max_upload_bytes(tenant),
             allow_private=self._allow_private,
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
             max_redirects=self._max_redirects,
         )
         return await self._tasks.create_from_url(
-            url, options, fetch, owner=owner, idempotency_key=idempotency_key
+            url, options, fetch, owner=owner, idempotency_key=idempotency_key, tenant=tenant
         )
+
+    def _tenant(self, owner: str | None) -> Tenant | None:
+        """The caller's tenant, by the owner id its key authenticated as; ``None`` with auth off."""
+        return self._tenants.by_owner(owner) if self._tenants is not None else None
+
+    def _max_upload_bytes(self, tenant: Tenant | None) -> int:
+        own_mb = tenant.limits.max_upload_mb if tenant is not None else None
+        return own_mb * 1024 * 1024 if own_mb is not None else self._max_bytes
 
 
 def _options_from_form(fields: dict[str, str]) -> TaskOptions:

@@ -22,7 +22,8 @@ from app.storage.base import TaskStore
 from app.tasks.estimates import QueueBoard
 from app.tasks.events import EventHub, EventKind, TaskEvent
 from app.tasks.followups import FollowUps
-from app.tasks.queue import TaskQueue
+from app.tasks.queue import MemoryQueue, TaskQueue
+from app.tasks.usage import UsageMeter
 from app.views import TaskView
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,14 @@ class TaskLedger:
         metrics: Metrics,
         workers: int,
         followups: FollowUps | None = None,
+        usage: UsageMeter | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
         self.events = events
         self.metrics = metrics
         self.followups = followups  # publish and webhook after a task ends; None: neither exists
+        self.usage = usage  # what tasks cost, recorded as each ends; None: not recorded
         self._board = QueueBoard(workers=workers)
         self._running_cancel: set[str] = set()  # cancel requests for tasks a worker of this process holds
         # Serialises status changes (a cancel, a worker starting the task) so neither overwrites the other.
@@ -69,7 +72,11 @@ class TaskLedger:
                 position = await self.queue.position(record.task_id)
                 estimate = QueueEstimate(position, None, None) if position is not None else None
             else:
-                estimate = self._board.estimate(record.task_id, datetime.now(UTC))
+                # Not durable: the one-process queue, whose schedule says which tasks go first. A
+                # queued task it no longer holds is a worker's, about to start (the GPU gate).
+                assert isinstance(self.queue, MemoryQueue)
+                ahead = set(self.queue.ahead(record.task_id) or ())
+                estimate = self._board.estimate(record.task_id, datetime.now(UTC), ahead)
         return TaskView.from_record(record, estimate)
 
     def queued(self, record: TaskRecord) -> None:
@@ -140,10 +147,17 @@ class TaskLedger:
 
     async def ended(self, record: TaskRecord) -> None:
         """Save a record that has just ended (``finish``, or a queued task's ``cancel``), publish
-        ``end``, count it and start its follow-ups; raises as ``finish`` does."""
+        ``end``, count it, record its usage and start its follow-ups; raises as ``finish`` does.
+
+        The usage goes on the final record and into the usage store only after that record is
+        saved: the save succeeds once per task, so the task is counted once (``app.tasks.usage``)."""
         status = record.status
+        if self.usage is not None:
+            record.usage = await asyncio.to_thread(self.usage.measure, record)
         due = self.followups is not None and self.followups.plan(record)
         await self.update(record, EventKind.END)
+        if self.usage is not None:
+            await self.usage.task_ended(record)
         self.metrics.tasks_finished.labels(status.value).inc()
         if record.duration_seconds is not None:
             self.metrics.task_duration.labels(status.value).observe(record.duration_seconds)

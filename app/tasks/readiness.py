@@ -15,13 +15,14 @@ from app.errors import BackendUnavailable
 from app.storage.base import TaskStore
 from app.tasks.queue import TaskQueue
 from app.tasks.worker import WorkerPool
+from app.tenants import Tenants
 
 
 class Readiness:
     """The readiness report: workers alive, storage writable, queue reachable.
 
-    ``role`` (``APP_ROLE``), ``auth_enabled`` (``APP_API_KEYS`` is set) and ``workers``
-    (``APP_MAX_WORKERS``) are reported as given. ``pool`` is ``None`` where this process runs no
+    ``role`` (``APP_ROLE``) and ``workers`` (``APP_MAX_WORKERS``) are reported as given, ``auth``
+    and the tenants file's state from ``tenants``. ``pool`` is ``None`` where this process runs no
     workers.
     """
 
@@ -33,7 +34,7 @@ class Readiness:
         queue: TaskQueue,
         models: ModelManager,
         role: str,
-        auth_enabled: bool,
+        tenants: Tenants,
         workers: int,
     ) -> None:
         self._pool = pool
@@ -41,15 +42,18 @@ class Readiness:
         self._queue = queue
         self._models = models
         self._role = role
-        self._auth_enabled = auth_enabled
+        self._tenants = tenants
         self._workers = workers
 
     async def report(self, *, with_model: bool) -> dict[str, Any]:
         """The report as JSON: ``status`` is ``"ready"`` when every worker runs, the store takes
         writes and the queue answers, else ``"not_ready"``; then ``role``, ``auth``, ``workers``
-        (``alive``, ``configured``), ``storage_writable`` and ``queue_depth`` (``None`` when the
-        queue is unreachable). ``with_model`` adds ``model``: which model, why, its last error and
-        the engine server (details for the service's users only). Raises nothing of its own."""
+        (``alive``, ``configured``), ``storage_writable``, ``queue_depth`` (``None`` when the
+        queue is unreachable) and, with ``APP_TENANTS_FILE``, ``tenants``: ``{"file_ok"}``, false
+        while the file's current content is refused and the last good one serves (not a reason to
+        stop traffic: the report stays ``ready``). ``with_model`` adds ``model``: which model, why,
+        its last error and the engine server, and the tenants file's ``error`` (details for the
+        service's users only, as they name tenants). Raises nothing of its own."""
         pool = self._pool
         writable = await asyncio.to_thread(self._store.writable)
         workers_ok = pool is None or pool.healthy
@@ -60,7 +64,7 @@ class Readiness:
         body: dict[str, Any] = {
             "status": "ready" if workers_ok and writable and depth is not None else "not_ready",
             "role": self._role,
-            "auth": "enabled" if self._auth_enabled else "disabled",
+            "auth": "enabled" if self._tenants.enabled else "disabled",
             "workers": {
                 "alive": pool.alive if pool is not None else 0,
                 "configured": self._workers if pool is not None else 0,
@@ -68,6 +72,11 @@ class Readiness:
             "storage_writable": writable,
             "queue_depth": depth,
         }
+        if self._tenants.file is not None:
+            error = self._tenants.error
+            body["tenants"] = {"file_ok": error is None}
+            if with_model:
+                body["tenants"]["error"] = error
         if with_model:
             body["model"] = await self._model_state()
         return body

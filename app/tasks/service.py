@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -26,7 +26,9 @@ from app.errors import (
     LeaseLost,
     QueueFull,
     TaskNotFound,
+    TooManyPages,
 )
+from app.pipeline.pages import Inspection
 from app.pipeline.render_pool import RenderPool
 from app.pipeline.sources import ReceivedFile
 from app.records import (
@@ -40,6 +42,8 @@ from app.records import (
 from app.tasks.events import EventKind, TaskEvent
 from app.tasks.idempotency import IdempotencyKeys, fingerprint
 from app.tasks.ledger import TaskLedger
+from app.tasks.quotas import Admission, Quotas
+from app.tenants import Tenant
 from app.views import TaskList, TaskView
 
 log = logging.getLogger(__name__)
@@ -67,7 +71,11 @@ class Created:
 
 
 class TaskService:
-    def __init__(self, *, ledger: TaskLedger, limits: Limits, renders: RenderPool) -> None:
+    def __init__(
+        self, *, ledger: TaskLedger, limits: Limits, renders: RenderPool, quotas: Quotas | None = None
+    ) -> None:
+        """``quotas``: the tenants' queued-task and page-per-day limits, checked at submit for a
+        caller with a tenant (``None``: no tenant quotas, as for a process that accepts no tasks)."""
         self._ledger = ledger
         self._store = ledger.store
         self._queue = ledger.queue
@@ -77,16 +85,26 @@ class TaskService:
         self._limits = limits
         self._renders = renders  # opens and counts uploads, away from the event loop
         self._keys = IdempotencyKeys(ledger.store)
+        self._quotas = quotas
 
     # --- submit ---
 
-    async def ensure_capacity(self) -> None:
-        """Refuse before reading a body when the queue is already full."""
+    async def ensure_capacity(self, tenant: Tenant | None = None) -> None:
+        """Refuse before reading a body when the queue is already full, or ``tenant`` is at its
+        queued-task limit or out of pages for today (``Quotas.check``: counts nothing)."""
         if await self._queue.full():
             raise await self._queue_full()
+        if tenant is not None and self._quotas is not None:
+            await self._quotas.check(tenant, queued_retry_after=self._queued_retry_after())
 
     async def create_from_upload(
-        self, received: ReceivedFile, options: TaskOptions, *, owner: str | None, idempotency_key: str | None
+        self,
+        received: ReceivedFile,
+        options: TaskOptions,
+        *,
+        owner: str | None,
+        idempotency_key: str | None,
+        tenant: Tenant | None = None,
     ) -> Created:
         """Queue an uploaded document; with an ``idempotency_key`` seen before, find its task instead.
 
@@ -95,11 +113,12 @@ class TaskService:
         """
         try:
             if idempotency_key is None:
-                return Created(await self.submit(received, options, owner=owner), replayed=False)
+                record = await self.submit(received, options, owner=owner, tenant=tenant)
+                return Created(record, replayed=False)
             request_print = await asyncio.to_thread(fingerprint, options, upload=received.path)
 
             async def create() -> TaskRecord:
-                return await self.submit(received, options, owner=owner)
+                return await self.submit(received, options, owner=owner, tenant=tenant)
 
             return await self._once(owner, idempotency_key, request_print, create)
         finally:
@@ -113,12 +132,13 @@ class TaskService:
         *,
         owner: str | None,
         idempotency_key: str | None,
+        tenant: Tenant | None = None,
     ) -> Created:
         """Queue the document ``fetch`` downloads from ``url``; with an ``idempotency_key`` seen
         before, find its task instead, without downloading anything."""
 
         async def create() -> TaskRecord:
-            return await self.submit(await fetch(), options, url=url, owner=owner)
+            return await self.submit(await fetch(), options, url=url, owner=owner, tenant=tenant)
 
         if idempotency_key is None:
             return Created(await create(), replayed=False)
@@ -150,28 +170,22 @@ class TaskService:
         *,
         url: str | None = None,
         owner: str | None = None,
+        tenant: Tenant | None = None,
     ) -> TaskRecord:
-        """Validate the document and options, store the task (belonging to ``owner``) and queue it.
+        """Validate the document and options, store the task (belonging to ``owner``, of ``tenant``,
+        within its limits: ``max_pages``, and ``queued_tasks`` and ``pages_per_day`` through
+        ``Quotas``) and queue it.
 
-        The spooled input is moved into the task or deleted; nothing is left behind on refusal.
+        The spooled input is moved into the task or deleted; nothing is left behind on refusal, and
+        nothing is counted against the tenant's quotas.
         """
         try:
             if options.callback_url is not None:
-                await self._check_callback(options.callback_url)
+                await self._check_callback(options.callback_url, tenant)
             if options.dpi > self._limits.max_dpi:
                 raise InvalidOptions(f"dpi {options.dpi} is above the limit of {self._limits.max_dpi}")
-            inspection = await self._renders.inspect(
-                received.path,
-                received.kind,
-                options.pages,
-                max_pages=self._limits.max_pages,
-                max_pixels=self._limits.max_page_pixels,
-            )
+            inspection = await self._inspect(received, options, tenant)
             page_count, numbers = inspection.page_count, inspection.numbers
-            try:
-                reservation = await self._queue.reserve()
-            except QueueFull:
-                raise await self._queue_full() from None
             record = TaskRecord(
                 source=SourceInfo(
                     filename=received.filename,
@@ -186,14 +200,20 @@ class TaskService:
                 input_kind=received.kind,
                 progress=Progress(pages_total=len(numbers)),
                 owner=owner,
+                tenant=tenant.name if tenant is not None else None,
                 last_event_id=1,
             )
-            try:
-                await asyncio.to_thread(self._store.create, record, received.path)
-            except BaseException:
-                await reservation.release()
-                raise
-            await reservation.commit(record.task_id)
+            async with self._counted(tenant, record):
+                try:
+                    reservation = await self._queue.reserve()
+                except QueueFull:
+                    raise await self._queue_full() from None
+                try:
+                    await asyncio.to_thread(self._store.create, record, received.path)
+                except BaseException:
+                    await reservation.release()
+                    raise
+            await reservation.commit(record.task_id, tenant=record.tenant, priority=options.priority)
             self._ledger.queued(record)
         except BaseException:
             received.path.unlink(missing_ok=True)
@@ -203,10 +223,54 @@ class TaskService:
         log.info("task %s queued: %s, %d pages", record.task_id, received.filename, len(numbers))
         return record
 
-    async def _check_callback(self, url: str) -> None:
+    async def _inspect(
+        self, received: ReceivedFile, options: TaskOptions, tenant: Tenant | None
+    ) -> Inspection:
+        """Open and count the document within the tenant's ``max_pages`` (else ``APP_MAX_PAGES``)."""
+        own_limit = tenant.limits.max_pages if tenant is not None else None
+        try:
+            return await self._renders.inspect(
+                received.path,
+                received.kind,
+                options.pages,
+                max_pages=own_limit if own_limit is not None else self._limits.max_pages,
+                max_pixels=self._limits.max_page_pixels,
+            )
+        except TooManyPages as exc:
+            if own_limit is None or tenant is None:
+                raise
+            raise TooManyPages(
+                f"tenant {tenant.name!r} may submit at most {own_limit} pages per task (max_pages in "
+                'APP_TENANTS_FILE); select fewer with the "pages" option'
+            ) from exc
+
+    @contextlib.asynccontextmanager
+    async def _counted(self, tenant: Tenant | None, record: TaskRecord) -> AsyncIterator[None]:
+        """Count ``record`` against its tenant's quotas for the block (``QuotaExceeded`` before it
+        when past one), and take the count back if the block fails: a task not stored is not counted."""
+        if tenant is None or self._quotas is None:
+            yield
+            return
+        admission: Admission = await self._quotas.admit(
+            tenant,
+            record.task_id,
+            pages=len(record.page_numbers),
+            queued_retry_after=self._queued_retry_after(),
+        )
+        try:
+            yield
+        except BaseException:
+            await self._quotas.release(admission)
+            raise
+
+    def _queued_retry_after(self) -> int:
+        """Seconds until one of a tenant's queued tasks has likely started: one task's time."""
+        return min(max(math.ceil(self._ledger.seconds_per_task), 1), 600)
+
+    async def _check_callback(self, url: str, tenant: Tenant | None) -> None:
         if self._followups is None:
             raise InvalidOptions("this service does not send webhooks; leave callback_url out")
-        await self._followups.check_callback(url)
+        await self._followups.check_callback(url, tenant.name if tenant is not None else None)
 
     async def _queue_full(self) -> QueueFull:
         depth = await self._queue.depth()
@@ -358,9 +422,12 @@ class TaskService:
         if self._queue.durable:
             return 0
         pending = await asyncio.to_thread(self._unfinished)
+        usage = self._ledger.usage
         for record in pending:
             if record.cancel_requested:
                 record.finish(TaskStatus.CANCELED)
+                if usage is not None:
+                    record.usage = await asyncio.to_thread(usage.measure, record)
                 if self._followups is not None:
                     self._followups.plan(record)  # started with the other unfinished follow-ups
             elif record.status is TaskStatus.RUNNING:
@@ -378,8 +445,12 @@ class TaskService:
             # id from before the restart gets the state as it is now.
             record.last_event_id += 1
             await asyncio.to_thread(self._store.save, record)
+            if record.status.is_final and usage is not None:
+                await usage.task_ended(record)  # after the save, as TaskLedger.ended does
             if record.status is TaskStatus.QUEUED:
-                await self._queue.requeue(record.task_id)
+                await self._queue.requeue(
+                    record.task_id, tenant=record.tenant, priority=record.options.priority
+                )
                 self._ledger.queued(record)
         resumed = sum(1 for r in pending if r.status is TaskStatus.QUEUED)
         if resumed:

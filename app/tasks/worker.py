@@ -29,7 +29,7 @@ from app.pipeline.run import PageJob, PagePipeline
 from app.records import MAX_STRIKES, TaskErrorInfo, TaskRecord, TaskStatus
 from app.tasks.events import EventKind
 from app.tasks.ledger import TaskLedger
-from app.tasks.options import EngineDefaults, recognize_options
+from app.tasks.options import EngineDefaults, ladder
 from app.views import TaskView
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class WorkerConfig:
     max_pixels: int
     engine: EngineDefaults
     visibility_seconds: float = 120.0  # a shared queue redelivers a task not renewed this long
+    page_retries: int = 0  # APP_PAGE_RETRIES: retry rungs a suspect page may climb
+    quality_min_agreement: float = 0.5  # APP_QUALITY_MIN_AGREEMENT
 
 
 class WorkerPool:
@@ -242,7 +244,8 @@ class WorkerPool:
             record.requeue("interrupted by a shutdown; resumes from its last finished page")
             await self._ledger.update(record, EventKind.STATUS)
             if self._queue.durable:
-                await self._queue.requeue(task_id)  # to another worker now, not after a timeout
+                # To another worker now, not after a timeout.
+                await self._queue.requeue(task_id, tenant=record.tenant, priority=record.options.priority)
         except (LeaseLost, BackendUnavailable):
             raise  # let go of the task: nothing more is written about it
         except DsocrError as exc:
@@ -275,12 +278,16 @@ class WorkerPool:
                 raise _ShuttingDown
 
         async def on_page(page: AssembledPage, seconds: float) -> None:
-            record.count_page(page.number, truncated=page.truncated)
+            record.count_page(
+                page.number, truncated=page.truncated, suspect=page.suspect, retries=page.retries
+            )
             await self._ledger.page_done(record, number=page.number, index=page.index, seconds=seconds)
 
         record.progress.pages_done = 0
         record.truncated_pages = []
+        record.suspect_pages = record.retries = 0  # counted again as pages are done or read back
         await asyncio.to_thread(functools.partial(self._store.clear_results, task_id, lease=record.lease))
+        rungs = ladder(record.options, self._config.engine)
         async with self._input_file(record) as input_path:
             job = PageJob(
                 task_id=task_id,
@@ -290,8 +297,11 @@ class WorkerPool:
                 dpi=record.options.dpi,
                 max_pixels=self._config.max_pixels,
                 batch_size=self._config.batch_size,
-                recognize=recognize_options(record.options, self._config.engine),
+                recognize=rungs[0].options,
                 lease=record.lease,
+                retries=rungs[1:],
+                max_retries=self._config.page_retries,
+                min_agreement=self._config.quality_min_agreement,
             )
             pages = await self._pipeline.run(job, on_page=on_page, check_interrupt=check_interrupt)
         with pages:

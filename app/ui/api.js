@@ -84,6 +84,11 @@ export class Api {
     return this.json(`/v1/tasks?${query}`);
   }
 
+  /** Usage per day from `from` to `to` (YYYY-MM-DD): the key's tenant, or every tenant for an admin. */
+  usage({ from, to }) {
+    return this.json(`/v1/usage?${new URLSearchParams({ from, to })}`);
+  }
+
   readTask(taskId) {
     return this.json(taskPath(taskId));
   }
@@ -119,6 +124,11 @@ export class Api {
   figure(taskId, name, signal) {
     const path = `${taskPath(taskId)}/images/${encodeURIComponent(name)}?redirect=false`;
     return this.blob(path, { signal, cache: "default" });
+  }
+
+  // The whole result, for the pages' quality; streamed here, as downloads are (see figure()).
+  resultJson(taskId, signal) {
+    return this.json(`${taskPath(taskId)}/result.json?redirect=false`, { signal });
   }
 
   download(path) {

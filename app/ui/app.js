@@ -5,6 +5,7 @@ import { Api, ApiError, forgetKey, storedKey, storeKey } from "./api.js";
 import { TaskList } from "./tasklist.js";
 import { TaskView } from "./taskview.js";
 import { mountUpload } from "./upload.js";
+import { UsagePanel } from "./usage.js";
 
 const screens = {
   signIn: document.getElementById("sign-in"),
@@ -41,6 +42,7 @@ function signIn(message = "") {
 function start(api) {
   const tasks = new TaskList(api, notify);
   const taskView = new TaskView(api, screens.task, notify);
+  const usage = new UsagePanel(api);
   mountUpload(api, (view) => tasks.add(view));
   const signOut = document.getElementById("sign-out");
   signOut.hidden = false;
@@ -60,6 +62,7 @@ function start(api) {
       taskView.close();
       show("home");
       tasks.load();
+      usage.load();
     }
   }
   window.addEventListener("hashchange", route);

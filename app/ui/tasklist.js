@@ -134,6 +134,7 @@ class Row {
     if (view.status === "queued" && view.queue_position) parts.push(`#${view.queue_position} in queue`);
     if (view.waiting_reason) parts.push(view.waiting_reason);
     if (view.truncated_pages?.length) parts.push(`${view.truncated_pages.length} truncated page(s)`);
+    if (view.suspect_pages) parts.push(`${view.suspect_pages} suspect page(s)`);
     this.meta.textContent = parts.filter(Boolean).join(" · ");
     this.error.textContent = view.error ? `${view.error.code}: ${view.error.message}` : "";
     this.error.hidden = !view.error;

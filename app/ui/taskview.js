@@ -1,10 +1,12 @@
-// One task: its state (live while it runs), downloads, and its pages with boxes and Markdown.
+// One task: its state (live while it runs), downloads, and its pages with boxes and Markdown, each
+// marked with how far to trust it (quality.js) and a filter for the suspect ones.
 
 import { FINAL, follow } from "./follow.js";
 import { FigureCache, saveBlob } from "./downloads.js";
 import { fill, h } from "./dom.js";
 import { bytes, duration, pagesPerSecond, runSeconds, stem, when } from "./format.js";
 import { PageView } from "./pageview.js";
+import { optionText, qualityByPage, qualityNote } from "./quality.js";
 
 const DOWNLOADS = [
   // [link in the task view, label, file name suffix]
@@ -112,6 +114,7 @@ export class TaskView {
       view.source?.size_bytes != null ? bytes(view.source.size_bytes) : "",
       view.started_at ? duration(runSeconds(view)) : "",
       pagesPerSecond(view),
+      view.suspect_pages ? `${view.suspect_pages} suspect page(s)` : "",
     ];
     el.summary.textContent = parts.filter(Boolean).join(" · ");
     el.summary.title = view.model ? `model: ${view.model}` : "";
@@ -144,17 +147,18 @@ export class TaskView {
   }
 
   async showResult(view, page) {
-    const pages = view.pages;
-    const truncated = new Set(view.truncated_pages);
-    const select = h(
-      "select",
-      { id: "page-select", onchange: () => this.showPage(Number(select.value)) },
-      pages.map((number) =>
-        h("option", { value: number }, `Page ${number}${truncated.has(number) ? " ⚠ truncated" : ""}`),
-      ),
-    );
+    const select = h("select", { id: "page-select", onchange: () => this.showPage(Number(select.value)) });
     const previous = h("button", { type: "button", onclick: () => this.step(-1) }, "‹ Previous");
     const next = h("button", { type: "button", onclick: () => this.step(1) }, "Next ›");
+    const suspectOnly = h("input", { type: "checkbox", id: "suspect-only", onchange: () => this.filterPages() });
+    const filter = h("label", { className: "pagebar__filter", htmlFor: "suspect-only", hidden: true }, suspectOnly);
+    const count = h("span", { className: "muted" });
+    // `pages` are the picker's pages (all, or the suspect ones); `all` every page of the result.
+    this.pager = { select, previous, next, suspectOnly, filter, count, pages: view.pages, all: view.pages };
+    this.pager.truncated = new Set(view.truncated_pages);
+    this.pager.quality = null; // page number -> quality, once result.json is read
+    this.qualitySlot = h("div", { className: "quality-slot" });
+    this.fillPicker();
     const panes = {
       legend: h("ul", { className: "legend", attrs: { "aria-label": "Block types" } }),
       stage: h("div", { className: "stage" }),
@@ -162,7 +166,6 @@ export class TaskView {
       raw: h("pre", { className: "raw" }),
       notice: h("p", { className: "notice", attrs: { role: "note" }, hidden: true }),
     };
-    this.pager = { select, previous, next, pages };
     fill(
       this.el.result,
       h(
@@ -172,8 +175,10 @@ export class TaskView {
         h("label", { className: "visually-hidden", htmlFor: "page-select" }, "Page"),
         select,
         next,
-        h("span", { className: "muted" }, `${pages.length} page(s)`),
+        count,
+        filter,
       ),
+      this.qualitySlot,
       panes.notice,
       panes.legend,
       h(
@@ -197,16 +202,75 @@ export class TaskView {
     );
     this.el.result.hidden = false;
     this.pageView = new PageView(this.api, this.taskId, this.figures, panes);
+    const pages = view.pages;
     const first = pages.includes(page) ? page : pages[0];
+    // Servers older than the quality signal have no suspect_pages and no quality to read.
+    const quality = view.suspect_pages == null ? null : this.loadQuality();
     if (first != null) await this.showPage(first);
+    await quality;
+  }
+
+  /** Read the pages' quality from result.json, then mark the picker and the page on screen. */
+  async loadQuality() {
+    const { signal } = this.controller;
+    let result;
+    try {
+      result = await this.api.resultJson(this.taskId, signal);
+    } catch (error) {
+      if (!signal.aborted) this.notify(`Could not read the pages' quality: ${error.message}`);
+      return;
+    }
+    const quality = qualityByPage(result);
+    if (signal.aborted || !quality) return;
+    const { pager } = this;
+    pager.quality = quality;
+    const suspect = pager.all.filter((number) => quality.get(number)?.suspect).length;
+    fill(pager.filter, pager.suspectOnly, ` Suspect pages only (${suspect})`);
+    pager.suspectOnly.disabled = suspect === 0;
+    pager.filter.hidden = false;
+    this.fillPicker();
+    this.showQuality(Number(pager.select.value));
+  }
+
+  /** (Re)fill the picker with every page, or only the suspect ones, keeping the page shown. */
+  fillPicker() {
+    const { select, all, truncated, quality, suspectOnly, count } = this.pager;
+    const shown = select.value;
+    const suspect = all.filter((number) => quality?.get(number)?.suspect);
+    this.pager.pages = suspectOnly.checked ? suspect : all;
+    fill(
+      select,
+      this.pager.pages.map((number) =>
+        h("option", { value: number }, optionText(number, quality?.get(number), truncated.has(number))),
+      ),
+    );
+    if (this.pager.pages.includes(Number(shown))) select.value = shown;
+    count.textContent = suspectOnly.checked ? `${suspect.length} of ${all.length} page(s)` : `${all.length} page(s)`;
+  }
+
+  /** The filter was switched: stay on the page shown if the picker still has it, else go to its first. */
+  filterPages() {
+    const shown = Number(this.pager.select.value);
+    this.fillPicker();
+    const { pages } = this.pager;
+    if (pages.length) this.showPage(pages.includes(shown) ? shown : pages[0]);
+  }
+
+  showQuality(number) {
+    fill(this.qualitySlot, qualityNote(this.pager.quality?.get(number)));
   }
 
   async showPage(number) {
+    if (!this.pager.pages.includes(number) && this.pager.suspectOnly.checked) {
+      this.pager.suspectOnly.checked = false; // a figure's button asked for a page the filter hides
+      this.fillPicker();
+    }
     const { select, previous, next, pages } = this.pager;
     const at = pages.indexOf(number);
     select.value = String(number);
     previous.disabled = at <= 0;
     next.disabled = at >= pages.length - 1;
+    this.showQuality(number);
     // Reloading the console comes back to this page; replaceState adds no history entry per page.
     history.replaceState(null, "", `#/tasks/${encodeURIComponent(this.taskId)}/${number}`);
     try {

@@ -34,6 +34,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (include "dsocr.fullname" .) .Values.auth.existingSecret }}
 {{- end }}
 
+{{/*
+"true" when callers need a key: API keys (auth.apiKeys or auth.existingSecret) or a tenants file
+(tenants.existingSecret, APP_TENANTS_FILE); empty when the API is open to anyone who reaches it.
+*/}}
+{{- define "dsocr.authConfigured" -}}
+{{- if or .Values.auth.apiKeys .Values.auth.existingSecret .Values.tenants.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+Where every pod mounts tenants.existingSecret (a directory, never a subPath: the kubelet updates a
+mounted Secret in place by swapping the directory's ..data link, which a subPath mount never sees)
+and the file in it that APP_TENANTS_FILE names.
+*/}}
+{{- define "dsocr.tenantsDir" -}}/etc/dsocr/tenants{{- end }}
+{{- define "dsocr.tenantsFile" -}}tenants.yaml{{- end }}
+
 {{/* The claim behind /data: one you manage (persistence.existingClaim), else the chart's own. */}}
 {{- define "dsocr.claimName" -}}
 {{- default (include "dsocr.fullname" .) .Values.persistence.existingClaim }}
@@ -112,9 +128,9 @@ chart's own <fullname>-link (secret-link.yaml), else nothing (a random key per p
 {{- end }}
 {{- end }}
 
-{{/* The Redis Streams queue the workers' consumer group reads (app.tasks.queue). */}}
-{{- define "dsocr.queueStream" -}}dsocr:queue{{- end }}
-{{- define "dsocr.queueGroup" -}}workers{{- end }}
+{{/* Lists as long as the tasks waiting and the tasks held by workers (app.tasks.redis_queue). */}}
+{{- define "dsocr.queueWaitingList" -}}dsocr:count:waiting{{- end }}
+{{- define "dsocr.queueHeldList" -}}dsocr:count:held{{- end }}
 
 {{/* Refuse scale-out values that cannot work, with the value to set, before anything is applied. */}}
 {{- define "dsocr.validateScaleOut" -}}
@@ -214,6 +230,11 @@ spec:
         - name: HF_HOME
           value: /models
         {{- end }}
+        {{- if $values.tenants.existingSecret }}
+        # Read again every settings.tenantsPollSeconds: keys added to the Secret work with no restart.
+        - name: APP_TENANTS_FILE
+          value: {{ printf "%s/%s" (include "dsocr.tenantsDir" $root) (include "dsocr.tenantsFile" $root) | quote }}
+        {{- end }}
         {{- if or $values.auth.apiKeys $values.auth.existingSecret }}
         - name: APP_API_KEYS
           valueFrom:
@@ -292,6 +313,11 @@ spec:
         - name: model-cache
           mountPath: /models
         {{- end }}
+        {{- if $values.tenants.existingSecret }}
+        - name: tenants
+          mountPath: {{ include "dsocr.tenantsDir" $root }}
+          readOnly: true
+        {{- end }}
   volumes:
     - name: data
       {{- if and $values.persistence.enabled (not .component) }}
@@ -304,6 +330,17 @@ spec:
     - name: model-cache
       persistentVolumeClaim:
         claimName: {{ include "dsocr.modelCacheClaimName" $root }}
+    {{- end }}
+    {{- if $values.tenants.existingSecret }}
+    - name: tenants
+      secret:
+        secretName: {{ $values.tenants.existingSecret }}
+        items:
+          - key: {{ $values.tenants.secretKey }}
+            path: {{ include "dsocr.tenantsFile" $root }}
+        # 0440 (288): read by root and the pod's fsGroup, which the kubelet makes the files' group and
+        # every container process's supplementary group; without podSecurityContext.fsGroup, 0444 (292).
+        defaultMode: {{ ternary 288 292 (hasKey $values.podSecurityContext "fsGroup") }}
     {{- end }}
   {{- with (ternary $values.api.nodeSelector $values.nodeSelector $api) }}
   nodeSelector:
