@@ -17,6 +17,11 @@ from app.tasks.queue import TaskQueue
 from app.tasks.worker import WorkerPool
 from app.tenants import Tenants
 
+# Each check (the store takes writes, the queue answers) counts as failed past this: the Helm
+# chart's readiness probe gives up after 5 s (``timeoutSeconds``), while the Redis clients retry a
+# lost connection for about 15 s (``app.storage.redis_conn``) and would hold the answer that long.
+CHECK_SECONDS = 3.0
+
 
 class Readiness:
     """The readiness report: workers alive, storage writable, queue reachable.
@@ -55,12 +60,8 @@ class Readiness:
         its last error and the engine server, and the tenants file's ``error`` (details for the
         service's users only, as they name tenants). Raises nothing of its own."""
         pool = self._pool
-        writable = await asyncio.to_thread(self._store.writable)
+        writable, depth = await asyncio.gather(self._writable(), self._depth())
         workers_ok = pool is None or pool.healthy
-        try:
-            depth: int | None = await self._queue.depth()
-        except BackendUnavailable:
-            depth = None
         body: dict[str, Any] = {
             "status": "ready" if workers_ok and writable and depth is not None else "not_ready",
             "role": self._role,
@@ -80,6 +81,21 @@ class Readiness:
         if with_model:
             body["model"] = await self._model_state()
         return body
+
+    async def _writable(self) -> bool:
+        """Whether the store takes writes, answered within ``CHECK_SECONDS`` (a check still running
+        then goes on in its thread and is not waited for)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._store.writable), CHECK_SECONDS)
+        except TimeoutError:
+            return False
+
+    async def _depth(self) -> int | None:
+        """The queue's depth, or ``None`` when it does not answer within ``CHECK_SECONDS``."""
+        try:
+            return await asyncio.wait_for(self._queue.depth(), CHECK_SECONDS)
+        except (BackendUnavailable, TimeoutError):
+            return None
 
     async def _model_state(self) -> dict[str, Any]:
         state = self._models.state
