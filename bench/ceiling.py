@@ -9,13 +9,17 @@ validated, the image decoded, the prompt's tokens counted against the context). 
 * **bare**: the least any client must do, in this process: render each page with PyMuPDF at 144
   dpi (one page at a time: PyMuPDF is not safe across threads), encode it as PNG, POST it, write
   the text to a file; 16 threads.
-* **service**: ``python -m app`` in a fresh process (``APP_BACKEND=vllm``, 16 requests in flight),
-  one task of the same pages, from the upload until it succeeded. CPU is the service process's
-  plus its render processes'; peak RSS is the service process's high-water mark (``VmHWM``).
+* **service**: ``python -m app`` in a fresh process (``APP_BACKEND=vllm``, 16 requests in flight,
+  ``APP_PAGE_RETRIES=0``: the bare client retries nothing, but each page is still judged, at the
+  service's cost), one task of the same pages, from the upload until it succeeded. CPU is the
+  service process's plus its render processes'; peak RSS is the service process's high-water mark
+  (``VmHWM``).
 
 Runs alternate (bare, service, bare, service, ...) so a noisy neighbour hurts both alike; the
 table shows each run and the ratio to the bare run beside it. ``--memory 200,1000`` adds the
 service's peak RSS for tasks of those lengths (one fresh process each), for the flat-memory rule.
+A last row, for information, runs the default retry ladder (``--ladder 2``): the canned page never
+agrees with the PDF's text layer, so every page is recognised three times.
 
 The PDF: the Octave manual (1,158 pages) from Debian's ``octave-doc``::
 
@@ -153,7 +157,7 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def service(engine_url: str, work: Path, max_pages: int) -> Iterator[ProcessServer]:
+def service(engine_url: str, work: Path, max_pages: int, retries: int) -> Iterator[ProcessServer]:
     env = {
         "APP_DATA_DIR": str(work / "data"),
         "APP_BACKEND": "vllm",
@@ -161,6 +165,7 @@ def service(engine_url: str, work: Path, max_pages: int) -> Iterator[ProcessServ
         "APP_VLLM_CONCURRENCY": str(IN_FLIGHT),
         "APP_MAX_PAGES": str(max_pages),
         "APP_LOG_LEVEL": "warning",
+        "APP_PAGE_RETRIES": str(retries),
     }
     work.mkdir(parents=True, exist_ok=True)
     server = ProcessServer(env, work / "service.log").start(timeout=120)
@@ -177,11 +182,14 @@ def _wait(client: httpx.Client, task_id: str) -> None:
         raise SystemExit(f"task {task_id} {view['status']}: {view['error']}")
 
 
-def run_service(engine_url: str, pdf: Path, pages: int, work: Path, max_pages: int) -> ServiceRun:
-    """One task of ``pages`` pages on a fresh service (after a one-page task to warm it up)."""
+def run_service(
+    engine_url: str, pdf: Path, pages: int, work: Path, max_pages: int, retries: int = 0
+) -> ServiceRun:
+    """One task of ``pages`` pages on a fresh service (after a one-page task to warm it up), with
+    ``retries`` as ``APP_PAGE_RETRIES``."""
     data = pdf.read_bytes()
     with (
-        service(engine_url, work, max_pages) as server,
+        service(engine_url, work, max_pages, retries) as server,
         httpx.Client(base_url=server.url, timeout=120) as client,
     ):
         assert server.process is not None
@@ -215,6 +223,9 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=2, help="bare/service pairs")
     parser.add_argument("--memory", default="", help="comma-separated task lengths for peak RSS")
+    parser.add_argument(
+        "--ladder", type=int, default=2, metavar="N", help="a last run with APP_PAGE_RETRIES=N (0: none)"
+    )
     parser.add_argument("--serve-engine", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_engine is not None:
@@ -234,7 +245,8 @@ def main() -> None:
             run_bare(engine.url, args.pdf, 4, work / "warm")  # the engine's first requests
             print(
                 f"{args.pages} pages of {args.pdf.name} ({page_count} pages), {DPI} dpi, "
-                f"{IN_FLIGHT} in flight, {os.cpu_count()} CPUs",
+                f"{IN_FLIGHT} in flight, {os.cpu_count()} CPUs; the service with APP_PAGE_RETRIES=0 "
+                "(the bare client retries nothing; each page is still judged, at the service's cost)",
                 flush=True,
             )
             print("| run | pages/s | x bare | CPU a page (service process alone) | peak RSS |")
@@ -260,6 +272,19 @@ def main() -> None:
                     f"| service, one task of {length} pages | {length / run.seconds:.1f} | - | "
                     f"{1000 * run.cpu_seconds / length:.0f} ms "
                     f"({1000 * run.main_cpu_seconds / length:.0f} ms) | {run.peak_rss_mib:.0f} MiB |",
+                    flush=True,
+                )
+            if args.ladder and args.repeat:
+                # For information: the engine's canned page never agrees with the manual's text
+                # layer, so every page climbs the whole ladder (1 + N requests a page).
+                run = run_service(
+                    engine.url, args.pdf, args.pages, work / "ladder", page_count, retries=args.ladder
+                )
+                rate = args.pages / run.seconds
+                print(
+                    f"| service, APP_PAGE_RETRIES={args.ladder} (every page suspect) | {rate:.1f} | "
+                    f"{rate / bare:.2f} | {1000 * run.cpu_seconds / args.pages:.0f} ms "
+                    f"({1000 * run.main_cpu_seconds / args.pages:.0f} ms) | {run.peak_rss_mib:.0f} MiB |",
                     flush=True,
                 )
         finally:

@@ -567,8 +567,11 @@ def manager_for(url: str, concurrency: int) -> ModelManager:
 async def test_pages_of_all_tasks_share_one_bound(fake: FakeOpenAI) -> None:
     fake.respond = lambda body: Reply(completion("p"), delay=0.1)
     models = manager_for(fake.url, concurrency=3)
-    # sizes_apply: vLLM decides the image geometry, so the size options change nothing it is sent.
-    assert await models.limits() == DispatchLimits(pages_per_call=1, calls_in_flight=3, sizes_apply=False)
+    # sizes_apply: vLLM decides the image geometry, so the size options change nothing it is sent;
+    # sends_png: the page's PNG goes as it is, so the pipeline leaves its pixels undecoded.
+    assert await models.limits() == DispatchLimits(
+        pages_per_call=1, calls_in_flight=3, sizes_apply=False, sends_png=True
+    )
 
     async def task(pages: int) -> None:
         async with models.hold():

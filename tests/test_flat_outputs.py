@@ -2,7 +2,8 @@
 
 The result files must be byte for byte what building them whole gave (``merge_markdown`` and
 ``json.dumps`` of the whole document); a resumed task must end with the same files; the engine must
-be sent exactly the rendered pixels, and previews must still come as WebP.
+be sent exactly the rendered pixels (the PNG as it is, or decoded for an engine in the service's
+process), crops must be cut from them, and previews must still come as WebP.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,10 @@ import pytest
 from PIL import Image
 
 from app.documents import DocumentKind
-from app.engines.base import RecognizeOptions
-from app.engines.manager import ModelManager
+from app.engines.base import END_MARKER, PageText, RecognizeOptions
+from app.engines.manager import Engine, ModelManager
 from app.engines.vllm import RemoteEngine
+from app.errors import EngineError
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage, merge_markdown
 from app.pipeline.outputs import AssembledPages
@@ -128,12 +131,47 @@ def _pdf(path: Path, pages: int) -> Path:
     return path
 
 
-async def _run(store: LocalStore, task_id: str, document: Path, pages: int, url: str) -> dict[str, bytes]:
-    def factory() -> tuple[RemoteEngine, str]:
-        engine = RemoteEngine(
+class _PixelEngine:
+    """A batch engine in the service's process, the ``hf`` engine's shape (``OCREngine``), that
+    keeps the images it is given and answers every page with ``FULL_GROUNDED_PAGE``.
+
+    As strict as ``HFEngine.recognize``: at most ``max_batch_size`` pages a call, only when
+    loaded; and it takes only RGB pages, which ``PageImage.image`` promises (transformers' image
+    processors are handed the page as it is).
+    """
+
+    model_name = "pixel-engine"
+    max_batch_size = 2
+
+    def __init__(self) -> None:
+        self.loaded = False
+        self.seen: list[Image.Image] = []
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def unload(self) -> None:
+        self.loaded = False
+
+    def recognize(self, images: Sequence[Image.Image], options: RecognizeOptions) -> list[PageText]:
+        if not self.loaded or not 0 < len(images) <= self.max_batch_size:
+            raise EngineError(f"{len(images)} pages passed, loaded: {self.loaded}")
+        if any(image.mode != "RGB" for image in images):
+            raise EngineError(f"modes {[image.mode for image in images]}: pages are RGB")
+        self.seen.extend(image.copy() for image in images)
+        return [PageText(FULL_GROUNDED_PAGE + END_MARKER, "eos", 10, 10) for _ in images]
+
+
+async def _run(
+    store: LocalStore, task_id: str, document: Path, pages: int, url: str, engine: Engine | None = None
+) -> dict[str, bytes]:
+    def factory() -> tuple[Engine, str]:
+        if engine is not None:
+            return engine, "stand-in"
+        remote = RemoteEngine(
             url, model=None, api_key=None, concurrency=4, max_tokens=2000, timeout_seconds=30, retries=0
         )
-        return engine, "stand-in"
+        return remote, "stand-in"
 
     models = ModelManager(factory, idle_seconds=5, metrics=Metrics(StandInGpu()))
     pipeline = PagePipeline(store=store, models=models, metrics=Metrics(StandInGpu()))
@@ -144,7 +182,7 @@ async def _run(store: LocalStore, task_id: str, document: Path, pages: int, url:
         page_numbers=list(range(1, pages + 1)),
         dpi=144,
         max_pixels=10_000_000,
-        batch_size=1,
+        batch_size=2,
         recognize=OPTIONS,
     )
 
@@ -194,6 +232,20 @@ async def test_the_engine_gets_the_rendered_pixels_and_a_resumed_task_ends_with_
         assert again == first
     finally:
         engine.close()
+
+    # Figure crops come from the decoded PNG: exactly the rendered page's pixels in the box.
+    layout = json.loads(first["layout.json"])
+    for page in layout["pages"]:
+        (figure,) = [block for block in page["blocks"] if "image" in block]
+        crop = Image.open(store.root / "tasks" / task_id / figure["image"])
+        assert crop.tobytes() == rendered[page["page"]].crop(tuple(figure["bbox"])).tobytes()
+
+    # An engine in the service's process gets every page's RGB pixels, and the files are the same.
+    pixel_engine = _PixelEngine()
+    other = uuid.uuid4().hex
+    (store.root / "tasks" / other).mkdir(parents=True)
+    assert await _run(store, other, document, 3, engine.url, pixel_engine) == first
+    assert [image.tobytes() for image in pixel_engine.seen] == [rendered[n].tobytes() for n in (1, 2, 3)]
 
     # The preview: made from the stored page when first asked for, a WebP, then kept.
     record = TaskRecord.model_construct(task_id=task_id, lease=0)

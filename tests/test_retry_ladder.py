@@ -4,7 +4,8 @@ attempt is kept; every attempt stays in raw/, and a resumed task does not run a 
 The tiny model is scripted (``ScriptedAnswers``: the k-th sequence generated says answer k), so a
 page's first attempt can run away (a repeating tail cut by the token cap, no end marker) or come
 back empty, and a later rung can succeed. Sequences are generated in a fixed order: the first
-attempts of a batch, then each page's retries when it is next to be assembled, then later pages.
+attempts of a batch, then each page's retries when it is next to be assembled (a later batch may be
+sent before them, while the first generates: the tests keep their pages to one batch).
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def run_to_end(client: httpx.Client, data: bytes) -> tuple[str, dict[str, Any]]:
 
 def test_a_runaway_and_an_empty_page_climb_the_ladder_and_keep_the_rung_that_worked(make_server, tmp_path):
     data = make_document(tmp_path / "doc.pdf", 3)
-    # Sequences: pages 1 and 2 in one batch, page 1's retry, page 2's retry, then page 3.
-    answers = [RUNAWAY, "", grounded(WORDS[0]), grounded(WORDS[1]), grounded(WORDS[2])]
-    server = make_server(answers=answers, ds_max_new_tokens=MAX_NEW_TOKENS, ds_batch_size=2, page_retries=2)
+    # Sequences: the three pages in one batch, then page 1's retry and page 2's retry. (With two
+    # batches, page 3's would be sent while the first generates, ahead of the retries.)
+    answers = [RUNAWAY, "", grounded(WORDS[2]), grounded(WORDS[0]), grounded(WORDS[1])]
+    server = make_server(answers=answers, ds_max_new_tokens=MAX_NEW_TOKENS, ds_batch_size=3, page_retries=2)
     task_id, final = run_to_end(server.client, data)
     assert final["status"] == "succeeded", final
     assert (final["suspect_pages"], final["retries"]) == (0, 2)

@@ -8,7 +8,9 @@ remote code lives in ``remote_code.py``; ``factory.build_engine`` picks between 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,6 +67,10 @@ class HFEngine(OCREngine):
         self._logits_processors = logits_processors
         self._model: Any = None
         self._processor: Any = None
+        # Encoding with padding reconfigures a fast tokenizer (Rust, borrowed mutably), and another
+        # thread decoding meanwhile fails with "Already borrowed" (huggingface/tokenizers#537):
+        # ``prepare`` and ``generate`` may run at once, so their tokenizer calls take turns.
+        self._tokenizer_lock = threading.Lock()
 
     def load(self) -> None:
         """Load processor and weights, in the target dtype, onto the device; no-op when loaded.
@@ -123,13 +129,24 @@ class HFEngine(OCREngine):
         Raises ``EngineError`` when the engine is not loaded, the batch is too large, or
         preprocessing or generation fails.
         """
-        model, processor = self._model, self._processor
-        if model is None or processor is None:
+        return self.generate(self.prepare(images, options))
+
+    def prepare(self, images: Sequence[Image.Image], options: RecognizeOptions) -> PreparedBatch:
+        """Preprocess ``images`` (RGB) for ``generate``: the CPU half of ``recognize``, safe to run
+        in another thread while ``generate`` runs, so a batch engine's next batch is ready the
+        moment the model is free (``ModelManager``). The tensors stay on the CPU until
+        ``generate``: a batch kept waiting holds no GPU memory.
+
+        Raises ``EngineError`` when the engine is not loaded, the batch is too large or
+        preprocessing fails.
+        """
+        processor = self._processor
+        if self._model is None or processor is None:
             raise EngineError(f"{self.model_name} is not loaded")
         if len(images) > self.max_batch_size:
             raise EngineError(f"{len(images)} pages passed; this engine takes at most {self.max_batch_size}")
         if not images:
-            return []
+            return PreparedBatch(None, {}, 0)
         prompt = f"{IMAGE_TOKEN}\n{options.prompt}"
         # Without tiles the image processor resizes the global view to the tile size (768 px) while
         # the processor counts image tokens from `size` (1024 px): 257 tokens for 145 features, and
@@ -147,42 +164,71 @@ class HFEngine(OCREngine):
         no_repeat = _no_repeat_ngram_size(self._no_repeat_ngram_size, options.no_repeat_ngram_size)
         if no_repeat > 0:
             generate_args["no_repeat_ngram_size"] = no_repeat
+        try:
+            # A fast tokenizer is not safe across threads (padding mutates it): see _tokenizer_lock.
+            with self._tokenizer_lock:
+                inputs = processor(
+                    images=list(images),
+                    text=[prompt] * len(images),
+                    return_tensors="pt",
+                    padding=True,
+                    **no_tiles,
+                )
+        except Exception as exc:
+            raise EngineError(f"{self.model_name} failed on a batch of {len(images)} page(s): {exc}") from exc
+        return PreparedBatch(inputs, generate_args, max_new_tokens)
+
+    def generate(self, batch: PreparedBatch) -> list[PageText]:
+        """One ``generate()`` call over a ``prepare``d batch (one at a time); one ``PageText`` per
+        page, in order. Raises ``EngineError`` when the engine is not loaded or generation fails."""
+        model, processor = self._model, self._processor
+        if model is None or processor is None:
+            raise EngineError(f"{self.model_name} is not loaded")
+        if batch.inputs is None:
+            return []
+        rows = batch.inputs["input_ids"].shape[0]
+        generate_args = dict(batch.generate_args)
         if self._logits_processors is not None:
             generate_args["logits_processor"] = LogitsProcessorList(self._logits_processors())
         try:
-            inputs = processor(
-                images=list(images),
-                text=[prompt] * len(images),
-                return_tensors="pt",
-                padding=True,
-                **no_tiles,
-            ).to(self._device, dtype=self._dtype)  # dtype applies to the pixel tensors only
+            # dtype applies to the pixel tensors only
+            inputs = batch.inputs.to(self._device, dtype=self._dtype)
             with torch.inference_mode():
                 output = model.generate(**inputs, **generate_args)
         except torch.cuda.OutOfMemoryError as exc:
             raise EngineError(
-                f"out of GPU memory on a batch of {len(images)} page(s); lower APP_DS_BATCH_SIZE: {exc}"
+                f"out of GPU memory on a batch of {rows} page(s); lower APP_DS_BATCH_SIZE: {exc}"
             ) from exc
         except Exception as exc:
             # Anything torch or transformers raise mid-inference is this engine's failure.
-            raise EngineError(f"{self.model_name} failed on a batch of {len(images)} page(s): {exc}") from exc
+            raise EngineError(f"{self.model_name} failed on a batch of {rows} page(s): {exc}") from exc
         tokenizer = processor.tokenizer
         eos_ids = _token_ids(model.generation_config.eos_token_id, tokenizer.eos_token_id)
         pad_ids = _token_ids(model.generation_config.pad_token_id, tokenizer.pad_token_id) - eos_ids
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         # Each row's prompt without its left padding: the attention mask is 1 on the real tokens.
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return [
-            _page_text(
-                row,
-                tokenizer,
-                eos_ids=eos_ids,
-                pad_ids=pad_ids,
-                max_new_tokens=max_new_tokens,
-                prompt_tokens=int(prompt),
-            )
-            for row, prompt in zip(new_tokens, prompt_tokens, strict=True)
-        ]
+        with self._tokenizer_lock:
+            return [
+                _page_text(
+                    row,
+                    tokenizer,
+                    eos_ids=eos_ids,
+                    pad_ids=pad_ids,
+                    max_new_tokens=batch.max_new_tokens,
+                    prompt_tokens=int(prompt),
+                )
+                for row, prompt in zip(new_tokens, prompt_tokens, strict=True)
+            ]
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch ``HFEngine.prepare`` made ready for ``HFEngine.generate``."""
+
+    inputs: Any  # the processor's BatchFeature, on the CPU; None for no pages
+    generate_args: dict[str, Any]
+    max_new_tokens: int
 
 
 def _no_repeat_ngram_size(own: int, asked: int | None) -> int:

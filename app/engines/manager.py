@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
 from app.engines.async_base import ConcurrentEngine, ServerHealth
 from app.engines.base import OCREngine, PageText, RecognizeOptions
+from app.engines.vllm import RemoteEngine
 from app.errors import DsocrError, EngineError
 from app.metrics import Metrics
 
@@ -42,6 +45,18 @@ class ModelState:
 
 Engine = OCREngine | ConcurrentEngine
 
+
+@runtime_checkable
+class PreparingEngine(Protocol):
+    """A batch engine whose ``recognize`` is ``generate(prepare(images, options))``, where
+    ``prepare`` (the CPU's preprocessing) may run in another thread while ``generate`` runs
+    (``app.engines.hf.HFEngine``; named here so this module imports no torch)."""
+
+    def prepare(self, images: Sequence[Image.Image], options: RecognizeOptions) -> Any: ...
+
+    def generate(self, batch: Any) -> list[PageText]: ...
+
+
 EngineFactory = Callable[[], tuple[Engine, str]]
 """Builds the engine, not yet loaded (blocking; may download a config), and says why this model."""
 
@@ -58,6 +73,9 @@ class DispatchLimits:
     # Whether the size options (base_size, image_size, crop_mode) change what the model sees: the
     # vllm engines leave the image geometry to vLLM's processor, the hf engines apply them.
     sizes_apply: bool = True
+    # Whether the engine sends a page's lossless PNG as it is (``app.engines.vllm.LOSSLESS_PNG``)
+    # and never reads its pixels: the pipeline then leaves them undecoded.
+    sends_png: bool = False
 
 
 class ModelManager:
@@ -102,12 +120,23 @@ class ModelManager:
         return await self._health_check() if self._health_check is not None else None
 
     async def limits(self) -> DispatchLimits:
-        """Load the engine if needed and say how to feed it: batches one at a time (``OCREngine``),
-        or single pages, ``max_concurrency`` of them at once (``ConcurrentEngine``)."""
+        """Load the engine if needed and say how to feed it: batches (``OCREngine``), or single
+        pages, ``max_concurrency`` of them at once (``ConcurrentEngine``).
+
+        A batch engine runs one call at a time (``recognize``), but a task keeps two going: the
+        next batch waits at the lock, its pages ready, while the current one generates, so the
+        engine starts it the moment it is free instead of after the task has stored the pages
+        just done (``bench/pipeline.py``: that gap was most of the service's overhead).
+        """
         engine = await self.ensure_loaded()
         if isinstance(engine, ConcurrentEngine):
-            return DispatchLimits(pages_per_call=1, calls_in_flight=engine.max_concurrency, sizes_apply=False)
-        return DispatchLimits(pages_per_call=engine.max_batch_size, calls_in_flight=1)
+            return DispatchLimits(
+                pages_per_call=1,
+                calls_in_flight=engine.max_concurrency,
+                sizes_apply=False,
+                sends_png=isinstance(engine, RemoteEngine),
+            )
+        return DispatchLimits(pages_per_call=engine.max_batch_size, calls_in_flight=2)
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
@@ -170,11 +199,12 @@ class ModelManager:
                 finally:
                     for page in pages:
                         page.cancel()  # the siblings of a failed page: its batch fails anyway
+            run = await _prepared(engine, images, options)
             async with self._infer_lock:
                 if not self._loaded:
                     continue  # unloaded while this call waited for the lock: load again
                 try:
-                    return await _run_blocking(engine.recognize, images, options)
+                    return await _run_blocking(run)
                 finally:
                     self._last_used = time.monotonic()
 
@@ -231,17 +261,25 @@ async def _unload(engine: Engine) -> None:
         await asyncio.to_thread(engine.unload)
 
 
-async def _run_blocking(
-    recognize: Callable[[Sequence[Image.Image], RecognizeOptions], list[PageText]],
-    images: Sequence[Image.Image],
-    options: RecognizeOptions,
-) -> list[PageText]:
+async def _prepared(
+    engine: OCREngine, images: Sequence[Image.Image], options: RecognizeOptions
+) -> Callable[[], list[PageText]]:
+    """What recognises ``images`` under the inference lock. A ``PreparingEngine`` preprocesses them,
+    in a thread, outside the lock: the next batch is made ready while the current one generates
+    (on a GPU the model would otherwise wait for the CPU between batches)."""
+    if isinstance(engine, PreparingEngine):
+        batch = await asyncio.to_thread(engine.prepare, images, options)
+        return functools.partial(engine.generate, batch)
+    return functools.partial(engine.recognize, images, options)
+
+
+async def _run_blocking(recognize: Callable[[], list[PageText]]) -> list[PageText]:
     """``recognize`` in a thread; a cancelled caller still waits for the thread to end.
 
     A thread cannot be stopped. Returning early would release the inference lock while the model
     is still generating, and the next batch would run a second ``generate()`` beside it.
     """
-    call = asyncio.ensure_future(asyncio.to_thread(recognize, images, options))
+    call = asyncio.ensure_future(asyncio.to_thread(recognize))
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:

@@ -60,7 +60,7 @@ def assemble_page(
     PDF points (see ``to_points``). The truncation flags are carried as given; the usable content is
     kept either way. ``quality`` is carried as given.
     """
-    size = page.image.size
+    size = page.size  # known without decoding: only pages with figures need their pixels
     parts: list[str] = []
     layout_blocks: list[dict[str, Any]] = []
     crops: list[tuple[str, Image.Image]] = []
@@ -116,11 +116,11 @@ def _image_block(
     parts: list[str] = []
     crops: list[tuple[str, Image.Image]] = []
     for box in block.boxes:
-        pixels = _to_pixels(box, page.image.size)
+        pixels = _to_pixels(box, page.size)
         entry = _box_entry("image", box, pixels)
         if _has_area(pixels):
             name = f"p{page.number:04d}_{first + len(crops):02d}.png"
-            crops.append((name, page.image.crop(pixels).convert("RGB")))
+            crops.append((name, page.crop(pixels)))
             entry["image"] = f"{IMAGE_DIR}/{name}"
             parts.append(f"![]({entry['image']})")
         entries.append(entry)

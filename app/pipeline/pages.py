@@ -30,19 +30,87 @@ from app.documents import DocumentKind, out_of_range, select_pages
 from app.errors import InvalidDocument, InvalidOptions, RenderMemoryExceeded, TooManyPages
 
 
-@dataclass
 class PageImage:
-    """One rendered page, ready for the engine."""
+    """One rendered page, ready for the engine: its pixels, or the lossless PNG they come from.
 
-    number: int  # 1-based page number in the source document
-    image: Image.Image  # RGB
-    dpi: float | None  # render resolution for PDFs (after any pixel-limit scaling); None for images
-    png: bytes | None = None  # ``encode_lossless(image)`` when a render process made it
-    # The PDF page's own text, at most TEXT_LAYER_MAX_CHARS of it; None for images, pages without
-    # text and pages whose text could not be extracted. What the recognised text is measured
-    # against (``app.pipeline.quality``).
-    text_layer: str | None = None
-    has_ink: bool = True  # ``has_ink(image)``: whether the pixels show anything at all
+    A page rendered in this process has its pixels (``image``); one rendered in a render process
+    comes as its PNG alone (``encode_lossless``: most pages need no pixels in the service, whose
+    engine is sent the PNG as it is), and ``image`` decodes it on first use, once, in whichever
+    thread asks first (keep that off the event loop: about 10 ms a page).
+    """
+
+    def __init__(
+        self,
+        *,
+        number: int,
+        dpi: float | None,
+        image: Image.Image | None = None,
+        png: bytes | None = None,
+        size: tuple[int, int] | None = None,
+        text_layer: str | None = None,
+        has_ink: bool = True,
+    ) -> None:
+        """``image`` (RGB), or ``png`` with the ``size`` it was checked to have (``png_size``)."""
+        if image is None and (png is None or size is None):
+            raise ValueError("a page needs its pixels, or its PNG and size")
+        self.number = number  # 1-based page number in the source document
+        # render resolution for PDFs (after any pixel-limit scaling); None for images
+        self.dpi = dpi
+        self.png = png  # ``encode_lossless(image)`` when a render process made it
+        # The PDF page's own text, at most TEXT_LAYER_MAX_CHARS of it; None for images, pages
+        # without text and pages whose text could not be extracted. What the recognised text is
+        # measured against (``app.pipeline.quality``).
+        self.text_layer = text_layer
+        self.has_ink = has_ink  # ``has_ink(image)``: whether the pixels show anything at all
+        self._image = image
+        self._size = image.size if image is not None else size
+        self._decoding = threading.Lock()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels, known without decoding anything."""
+        assert self._size is not None
+        return self._size
+
+    @property
+    def image(self) -> Image.Image:
+        """The page in RGB (decoded from ``png`` the first time; blocking)."""
+        with self._decoding:
+            if self._image is None or self._image.mode != "RGB":
+                # A grey page's PNG has one channel (``encode_lossless``): RGB again, same values.
+                self._image = self._decode().convert("RGB")
+            return self._image
+
+    def crop(self, box: tuple[int, int, int, int]) -> Image.Image:
+        """The pixels in ``box`` (left, top, right, bottom), in RGB (blocking: decodes ``png`` the
+        first time, but leaves a grey page one channel: a figure's crop costs a third as much)."""
+        with self._decoding:
+            if self._image is None:
+                self._image = self._decode()
+            return self._image.crop(box).convert("RGB")
+
+    def _decode(self) -> Image.Image:
+        assert self.png is not None
+        # Not closed: closing an image frees its pixels, and a BytesIO holds no file.
+        opened = Image.open(io.BytesIO(self.png), formats=["PNG"])
+        opened.load()
+        return opened if opened.mode in ("L", "RGB") else opened.convert("RGB")
+
+
+def png_size(png: bytes, max_pixels: int) -> tuple[int, int]:
+    """The size a lossless page PNG declares, read from its header (nothing is decoded).
+
+    Raises ``ValueError`` when it is no PNG of one (L) or three (RGB) 8-bit channels, or larger
+    than ``max_pixels``: what a render process sends must be what ``encode_lossless`` makes.
+    """
+    try:
+        with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
+            width, height, mode = image.width, image.height, image.mode
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"not a PNG: {exc}") from None
+    if mode not in ("L", "RGB") or width * height > max_pixels or not (width > 0 and height > 0):
+        raise ValueError(f"a PNG of {width}x{height} pixels in mode {mode}")
+    return width, height
 
 
 def encode_lossless(image: Image.Image) -> bytes:

@@ -5,20 +5,21 @@ address space at ``MEMORY_MB`` (``RLIMIT_AS``), dies with the service, reads req
 answers on its own copy of stdout; stdout itself is pointed at stderr, so a library that prints
 cannot corrupt an answer. The service kills it when a request runs past its deadline.
 
-A frame is a 4-byte big-endian length and a JSON object. A rendered page's raw RGB pixels go into
-the shared file ``PIXELS_FD`` (a memfd), from offset 0: copying 6 MB through a pipe and the event
-loop's stream took 30 ms a page, the shared file takes about 2. JSON rather than pickle: a process
-subverted by a crafted document must not be able to run code in the service by what it answers.
+A frame is a 4-byte big-endian length and a JSON object. A rendered page goes into the shared file
+``PIXELS_FD`` (a memfd), from offset 0, as its lossless PNG: the service decodes it only for the
+pages that need pixels there (figure crops, an engine in the service's process), and the raw
+pixels (6 MB a page) would cost both processes a copy for every page. JSON rather than pickle: a
+process subverted by a crafted document must not be able to run code in the service by what it
+answers.
 
 Requests: ``{"op": "inspect", "path", "kind", "spec", "max_pages", "max_pixels"}`` answers
 ``{"ok": true, "page_count", "numbers"}``; ``{"op": "render", "path", "kind", "number", "dpi",
-"max_pixels"}`` answers ``{"ok": true, "width", "height", "dpi", "size", "png", "text", "has_ink"}``:
-``size`` bytes of pixels are in the shared file, then ``png`` bytes of the page as
-``encode_lossless`` makes it (the image the engine is sent and previews are made from: encoding it
-here, in parallel with the service, is most of a page's cost), then ``text`` bytes of its text
-layer in UTF-8 (``null``: none; in the file, not the JSON, which would swell a CJK page's 200,000
-characters past ``MAX_HEADER_BYTES``). A refusal answers ``{"ok": false, "error": <class name in
-app.errors>, "message"}``.
+"max_pixels"}`` answers ``{"ok": true, "width", "height", "dpi", "png", "text", "has_ink"}``:
+``png`` bytes of the page as ``encode_lossless`` makes it are in the shared file (the image the
+engine is sent and previews are made from: encoding it here, in parallel with the service, is most
+of a page's cost), then ``text`` bytes of its text layer in UTF-8 (``null``: none; in the file,
+not the JSON, which would swell a CJK page's 200,000 characters past ``MAX_HEADER_BYTES``). A
+refusal answers ``{"ok": false, "error": <class name in app.errors>, "message"}``.
 """
 
 from __future__ import annotations
@@ -68,22 +69,19 @@ class _Pages:
     def render(self, request: dict[str, Any]) -> dict[str, Any]:
         document = self._open(request["path"], request["kind"])
         page = document.render(request["number"], dpi=request["dpi"], max_pixels=request["max_pixels"])
-        pixels = page.image.tobytes()
         png = encode_lossless(page.image)
         # MuPDF hands back lone surrogates of a crafted ToUnicode map as U+FFFD: this always encodes.
         text = b"" if page.text_layer is None else page.text_layer.encode()
         # Truncating first gives back the pages of a larger page before it.
-        os.ftruncate(self._pixels, len(pixels) + len(png) + len(text))
-        _write_at(self._pixels, pixels, 0)
-        _write_at(self._pixels, png, len(pixels))
-        _write_at(self._pixels, text, len(pixels) + len(png))
+        os.ftruncate(self._pixels, len(png) + len(text))
+        _write_at(self._pixels, png, 0)
+        _write_at(self._pixels, text, len(png))
         width, height = page.image.size
         return {
             "ok": True,
             "width": width,
             "height": height,
             "dpi": page.dpi,
-            "size": len(pixels),
             "png": len(png),
             "text": None if page.text_layer is None else len(text),
             "has_ink": page.has_ink,

@@ -11,10 +11,10 @@ and the caller gets an error in ``app.errors`` naming the page (``RenderTimeout`
 
 Each process is a fresh interpreter (``asyncio.create_subprocess_exec``, the same as
 multiprocessing's "spawn"): forking a service that holds torch and its threads is unsafe. Its pipes
-are read by the event loop itself, so no thread waits on a render. A page's pixels come back as raw
-RGB bytes in a shared memory file (a memfd) that each process writes and the service maps, with
-the page's lossless PNG, which the process encodes too (the engine is sent it; previews are made
-from it), and the page's text layer.
+are read by the event loop itself, so no thread waits on a render. A page comes back as its
+lossless PNG, which the process encodes (the engine is sent it; previews are made from it; the
+service decodes it only where it needs the pixels), and its text layer, in a shared memory file (a
+memfd) that each process writes and the service maps.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from PIL import Image
-
 from app.documents import DocumentKind
 from app.errors import (
     DocumentTooComplex,
@@ -47,7 +45,7 @@ from app.errors import (
     ServiceUnavailable,
     TooManyPages,
 )
-from app.pipeline.pages import TEXT_LAYER_MAX_CHARS, Inspection, PageImage
+from app.pipeline.pages import TEXT_LAYER_MAX_CHARS, Inspection, PageImage, png_size
 from app.pipeline.render_child import LENGTH, MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
@@ -149,18 +147,21 @@ class _Process:
             raise _Died("it sent something other than an object")
         return answer
 
-    def read_page(self, width: int, height: int, png: int, text: int) -> tuple[Image.Image, bytes, str]:
-        """The RGB page, its PNG and ``text`` bytes of its text layer the last render left in the
-        shared file (blocking: a copy of up to ``3 * max_pixels`` bytes, the PNG and the text).
-        Raises ``ValueError`` when the file holds fewer."""
-        size = 3 * width * height
+    def read_page(self, png: int, text: int, size: tuple[int, int], max_pixels: int) -> tuple[bytes, str]:
+        """The page's PNG and ``text`` bytes of its text layer the last render left in the shared
+        file (blocking: a copy of a few hundred kB, and the PNG's header read). Raises
+        ``ValueError`` when the file holds fewer, or a PNG that is not of ``size`` pixels."""
         with (
-            mmap.mmap(self._pixels, size + png + text, access=mmap.ACCESS_READ) as shared,
+            mmap.mmap(self._pixels, png + text, access=mmap.ACCESS_READ) as shared,
             memoryview(shared) as view,
         ):
+            encoded = bytes(view[:png])
             # A broken process's bytes must not fail the page: "replace" keeps them harmless.
-            layer = str(view[size + png :], "utf-8", "replace")
-            return Image.frombytes("RGB", (width, height), view[:size]), bytes(view[size : size + png]), layer
+            layer = str(view[png:], "utf-8", "replace")
+        # Checked here, off the event loop: a crafted PNG may make its header slow to read.
+        if png_size(encoded, max_pixels) != size:
+            raise ValueError(f"its PNG is not of the {size[0]}x{size[1]} pixels it said")
+        return encoded, layer
 
     def how_it_ended(self) -> str:
         """How a reaped process ended, e.g. "killed by SIGSEGV"."""
@@ -303,7 +304,8 @@ class RenderPool:
     ) -> PageImage:
         """Render 1-based page ``number`` as ``app.pipeline.pages.Document.render`` does, in a
         render process, with its ``png`` (``encode_lossless``), ``text_layer`` and ``has_ink``
-        made there too. Raises what it raises, and ``RenderTimeout`` or ``RenderMemoryExceeded``
+        made there too; the pixels come as that PNG alone, decoded when first used
+        (``PageImage.image``). Raises what it raises, and ``RenderTimeout`` or ``RenderMemoryExceeded``
         naming the page when it passes a limit. Cancelling this kills the render."""
         request = {
             "op": "render",
@@ -330,8 +332,10 @@ class RenderPool:
                 and isinstance(ink, bool)
             ):
                 raise ValueError(f"it answered {answer!r}")
-            image, encoded, layer = await asyncio.to_thread(process.read_page, width, height, png, text or 0)
-        except ValueError as exc:  # the shared file holds less than it said
+            encoded, layer = await asyncio.to_thread(
+                process.read_page, png, text or 0, (width, height), max_pixels
+            )
+        except ValueError as exc:  # the shared file holds less than it said, or not a page's PNG
             self._replace(process)
             raise PageFailed(f"page {number}: a render process broke the protocol: {exc}") from None
         except BaseException:
@@ -340,9 +344,9 @@ class RenderPool:
         self._release(process)
         return PageImage(
             number=number,
-            image=image,
             dpi=None if page_dpi is None else float(page_dpi),
             png=encoded,
+            size=(width, height),
             text_layer=None if text is None else layer,
             has_ink=ink,
         )

@@ -31,6 +31,7 @@ A page's seconds are those of all its attempts.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -175,7 +176,7 @@ class PagePipeline:
 
         async def send(room_for: DispatchLimits) -> None:
             await self._make_room(job, held, room_for.calls_in_flight, done, on_page, check_interrupt)
-            call = asyncio.ensure_future(self._recognize(job, list(batch)))
+            call = asyncio.ensure_future(self._recognize(job, list(batch), room_for))
             held.append(_Call(list(batch), call))
             batch.clear()
 
@@ -185,9 +186,7 @@ class PagePipeline:
                     check_interrupt()
                     await self._assemble_ready(job, held, done, on_page, check_interrupt)
                     page = await ahead.next()
-                    preview = page.png if page.png is not None else page.image
-                    await asyncio.to_thread(self._store.write_preview, job.task_id, page.number, preview)
-                    saved = await asyncio.to_thread(self._store.read_raw, job.task_id, page.number)
+                    saved = await asyncio.to_thread(self._store_page, job, page)
                     if saved is not None:
                         if batch:  # keep page order: the pages before this one go first
                             assert limits is not None
@@ -256,21 +255,30 @@ class PagePipeline:
         A call that failed fails the task at once, even behind calls still running: waiting for
         them would only delay an error that is already certain. Only the calls before it get a
         moment (``_FAILURE_GRACE_SECONDS``) to end, so that pages sent together and failing alike
-        (a context too small for any page) name the first of them.
+        (a context too small for any page) name the first of them; the pages of those that ended
+        well are stored first, so the task's progress counts every page recognised before it.
         """
         for n, call in enumerate(held):
-            if call.result.done() and not call.result.cancelled() and call.result.exception() is not None:
+            if _failed(call):
                 earlier = [c.result for c in list(held)[:n] if not c.result.done()]
                 if earlier:
                     await asyncio.wait(earlier, timeout=_FAILURE_GRACE_SECONDS)
-                for failed in list(held)[: n + 1]:
-                    if (
-                        failed.result.done()
-                        and not failed.result.cancelled()
-                        and failed.result.exception() is not None
-                    ):
+                await self._assemble_done(job, held, done, on_page, check_interrupt)
+                for failed in held:
+                    if _failed(failed):
                         failed.result.result()  # raises the failure, which names its page(s)
-        while held and held[0].result.done():
+        await self._assemble_done(job, held, done, on_page, check_interrupt)
+
+    async def _assemble_done(
+        self,
+        job: PageJob,
+        held: deque[_Call],
+        done: AssembledPages,
+        on_page: OnPage,
+        check_interrupt: Callable[[], None],
+    ) -> None:
+        """Assemble the pages of the leading calls that ended well, in order."""
+        while held and held[0].result.done() and not _failed(held[0]):
             call = held.popleft()
             for page, (text, seconds) in zip(call.pages, call.result.result(), strict=True):
                 check_interrupt()
@@ -285,11 +293,12 @@ class PagePipeline:
                     check_interrupt=check_interrupt,
                 )
 
-    async def _recognize(self, job: PageJob, batch: list[PageImage]) -> Recognized:
+    async def _recognize(self, job: PageJob, batch: list[PageImage], limits: DispatchLimits) -> Recognized:
         """Recognise one call's pages and store each page's raw output at once."""
+        images = await _for_engine(batch, limits)
         started = time.perf_counter()
         try:
-            texts = await self._models.recognize([_for_engine(page) for page in batch], job.recognize)
+            texts = await self._models.recognize(images, job.recognize)
         except DsocrError as exc:
             if len(batch) == 1:
                 exc.message = f"page {batch[0].number}: {exc.message}"
@@ -297,10 +306,20 @@ class PagePipeline:
                 exc.message = f"pages {batch[0].number}-{batch[-1].number}: {exc.message}"
             raise
         seconds = (time.perf_counter() - started) / len(batch)
-        for page, text in zip(batch, texts, strict=True):
-            payload = _raw_payload(page, text, seconds, 0, job.recognize)
-            await asyncio.to_thread(self._store.write_raw, job.task_id, page.number, payload)
+
+        def write_raw() -> None:  # one thread for the call's pages: each hop waits for the GIL
+            for page, text in zip(batch, texts, strict=True):
+                payload = _raw_payload(page, text, seconds, 0, job.recognize)
+                self._store.write_raw(job.task_id, page.number, payload)
+
+        await asyncio.to_thread(write_raw)
         return [(text, seconds) for text in texts]
+
+    def _store_page(self, job: PageJob, page: PageImage) -> dict[str, Any] | None:
+        """Store the rendered page (its preview's source) and return its first attempt's raw
+        output from an earlier run, if any (blocking)."""
+        self._store.write_preview(job.task_id, page.number, page.png if page.png is not None else page.image)
+        return self._store.read_raw(job.task_id, page.number)
 
     async def _climb(
         self, job: PageJob, page: PageImage, first: PageText, check_interrupt: Callable[[], None]
@@ -341,9 +360,10 @@ class PagePipeline:
         self, job: PageJob, page: PageImage, number: int, options: RecognizeOptions
     ) -> tuple[PageText, float]:
         """Recognise ``page`` again with rung ``number``'s options and store the attempt at once."""
+        images = await _for_engine([page], await self._limits(page))
         started = time.perf_counter()
         try:
-            (text,) = await self._models.recognize([_for_engine(page)], options)
+            (text,) = await self._models.recognize(images, options)
         except DsocrError as exc:
             exc.message = f"page {page.number}, retry rung {number}: {exc.message}"
             raise
@@ -467,12 +487,33 @@ class _RenderAhead:
         self._started.clear()
 
 
-def _for_engine(page: PageImage) -> Image.Image:
-    """The page's image, carrying the PNG its render process made (``app.engines.vllm`` sends it
-    as it is instead of encoding the pixels again)."""
-    if page.png is not None:
-        page.image.info[LOSSLESS_PNG] = LosslessPng(page.image.size, page.png)
-    return page.image
+async def _for_engine(pages: list[PageImage], limits: DispatchLimits) -> list[Image.Image]:
+    """The pages' images as the engine takes them.
+
+    An engine that sends the PNG a render process made (``limits.sends_png``) gets the PNG opened,
+    not decoded: ``app.engines.vllm`` reads only its size and the ``LOSSLESS_PNG`` it carries. Any
+    other gets the RGB pixels, decoded in a thread (about 10 ms a page). Raises ``PageFailed``
+    naming the page when its PNG cannot be decoded (a broken render process).
+    """
+    if limits.sends_png and all(page.png is not None for page in pages):
+        opened: list[Image.Image] = []
+        for page in pages:
+            assert page.png is not None
+            image = Image.open(io.BytesIO(page.png), formats=["PNG"])  # its header only, checked before
+            image.info[LOSSLESS_PNG] = LosslessPng(page.size, page.png)
+            opened.append(image)
+        return opened
+
+    def decode() -> list[Image.Image]:
+        images: list[Image.Image] = []
+        for page in pages:
+            try:
+                images.append(page.image)
+            except (OSError, ValueError) as exc:
+                raise PageFailed(f"page {page.number}: its rendered image cannot be read: {exc}") from exc
+        return images
+
+    return await asyncio.to_thread(decode)
 
 
 def _raw_payload(
@@ -506,6 +547,11 @@ def _same_request(options: RecognizeOptions, other: RecognizeOptions, limits: Di
             other, base_size=options.base_size, image_size=options.image_size, crop_mode=options.crop_mode
         )
     return options == other
+
+
+def _failed(call: _Call) -> bool:
+    """Whether the call ended with an error (a cancelled one is no failure of its own)."""
+    return call.result.done() and not call.result.cancelled() and call.result.exception() is not None
 
 
 def _resolved(value: Recognized) -> asyncio.Future[Recognized]:
