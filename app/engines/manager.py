@@ -199,14 +199,22 @@ class ModelManager:
                 finally:
                     for page in pages:
                         page.cancel()  # the siblings of a failed page: its batch fails anyway
-            run = await _prepared(engine, images, options)
-            async with self._infer_lock:
+            # Take this call's place in line before preparing: calls generate in the order they
+            # were made (a task's pages in page order), whichever preparation ends first.
+            turn = asyncio.ensure_future(self._infer_lock.acquire())
+            try:
+                run = await _prepared(engine, images, options)
+                await asyncio.shield(turn)
+            except BaseException:
+                _leave_line(turn, self._infer_lock)
+                raise
+            try:
                 if not self._loaded:
                     continue  # unloaded while this call waited for the lock: load again
-                try:
-                    return await _run_blocking(run)
-                finally:
-                    self._last_used = time.monotonic()
+                return await _run_blocking(run)
+            finally:
+                self._infer_lock.release()
+                self._last_used = time.monotonic()
 
     async def _recognize_page(self, image: Image.Image, options: RecognizeOptions) -> PageText:
         assert self._pages_gate is not None
@@ -259,6 +267,15 @@ async def _unload(engine: Engine) -> None:
         await engine.stop()
     else:
         await asyncio.to_thread(engine.unload)
+
+
+def _leave_line(turn: asyncio.Future[Any], lock: asyncio.Lock) -> None:
+    """Give up a place in ``lock``'s line taken with ``acquire``: release the lock if the turn
+    came, else cancel the wait (``asyncio.Lock`` then passes the turn to the next in line)."""
+    if turn.done() and not turn.cancelled():
+        lock.release()
+    else:
+        turn.cancel()
 
 
 async def _prepared(
