@@ -31,6 +31,7 @@ A page's seconds are those of all its attempts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import time
 from collections import deque
@@ -173,10 +174,16 @@ class PagePipeline:
         batch: list[PageImage] = []  # rendered, not yet sent
         limits: DispatchLimits | None = None
         ahead = _RenderAhead(renders, job, check_interrupt)
+        # Handed to the engine when the call before it was: the model manager runs calls in the
+        # order they reach it, and their pixels decode in threads that may end in any order.
+        handed_over: asyncio.Future[None] | None = None
 
         async def send(room_for: DispatchLimits) -> None:
+            nonlocal handed_over
             await self._make_room(job, held, room_for.calls_in_flight, done, on_page, check_interrupt)
-            call = asyncio.ensure_future(self._recognize(job, list(batch), room_for))
+            previous, handed_over = handed_over, asyncio.get_running_loop().create_future()
+            call = asyncio.ensure_future(self._recognize(job, list(batch), room_for, previous, handed_over))
+            call.add_done_callback(functools.partial(_pass_on, handed_over))  # even if it never ran
             held.append(_Call(list(batch), call))
             batch.clear()
 
@@ -293,12 +300,26 @@ class PagePipeline:
                     check_interrupt=check_interrupt,
                 )
 
-    async def _recognize(self, job: PageJob, batch: list[PageImage], limits: DispatchLimits) -> Recognized:
-        """Recognise one call's pages and store each page's raw output at once."""
-        images = await _for_engine(batch, limits)
+    async def _recognize(
+        self,
+        job: PageJob,
+        batch: list[PageImage],
+        limits: DispatchLimits,
+        previous: asyncio.Future[None] | None,
+        handed_over: asyncio.Future[None],
+    ) -> Recognized:
+        """Recognise one call's pages and store each page's raw output at once. The call is handed
+        to the engine once ``previous`` (the call before it) was; ``handed_over`` says it was."""
+        try:
+            images = await _for_engine(batch, limits)
+            if previous is not None:
+                await asyncio.shield(previous)
+            recognition = asyncio.ensure_future(self._models.recognize(images, job.recognize))
+        finally:
+            _pass_on(handed_over)
         started = time.perf_counter()
         try:
-            texts = await self._models.recognize(images, job.recognize)
+            texts = await recognition
         except DsocrError as exc:
             if len(batch) == 1:
                 exc.message = f"page {batch[0].number}: {exc.message}"
@@ -485,6 +506,12 @@ class _RenderAhead:
         # Their failures are moot once the task stopped, but must be retrieved.
         await asyncio.gather(*self._started, return_exceptions=True)
         self._started.clear()
+
+
+def _pass_on(handed_over: asyncio.Future[None], *_: object) -> None:
+    """Let the next call go to the engine (once; a done callback's argument is ignored)."""
+    if not handed_over.done():
+        handed_over.set_result(None)
 
 
 async def _for_engine(pages: list[PageImage], limits: DispatchLimits) -> list[Image.Image]:
