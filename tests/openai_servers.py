@@ -117,8 +117,10 @@ def request_image(body: dict[str, Any]) -> Image.Image:
     parts = body["messages"][0]["content"]
     url = next(part["image_url"]["url"] for part in parts if part["type"] == "image_url")
     header, _, data = url.partition(",")
-    assert header == "data:image/png;base64", header
-    return Image.open(io.BytesIO(base64.b64decode(data)))
+    # vLLM reads any image Pillow opens, whatever the media type says (``_data_url_image``).
+    assert header.startswith("data:image/"), header
+    assert header.endswith(";base64"), header
+    return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
 
 
 class FakeOpenAI:
@@ -576,7 +578,12 @@ def _ngram_args_refused(xargs: dict[str, Any]) -> Reply | None:
 
 
 def _data_url_image(part: dict[str, Any]) -> Image.Image:
-    """The image of an ``image_url`` part, which the stand-in takes as a base64 data URL only."""
+    """The image of an ``image_url`` part, which the stand-in takes as a base64 data URL only.
+
+    vLLM takes a data URL only in base64 (``vllm/multimodal/media/connector.py``,
+    ``_load_data_url``) and opens its bytes with Pillow whatever its media type says
+    (``vllm/multimodal/media/image.py``, ``ImageMediaIO.load_bytes``): so does the stand-in.
+    """
     url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
     header, _, data = (url or "").partition(",")
     if not (header.startswith("data:image/") and header.endswith(";base64")):

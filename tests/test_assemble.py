@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from PIL import Image, ImageDraw
 
 from app.engines.base import END_MARKER
@@ -61,7 +63,8 @@ def test_markdown_renders_each_block_type() -> None:
 def test_the_figure_is_cropped_from_the_page() -> None:
     page = assemble_page(_page(), parse_page(RAW), index=0)
 
-    [(name, crop)] = page.crops
+    [(name, png)] = page.crops
+    crop = Image.open(io.BytesIO(png), formats=["PNG"])
     assert name == "p0001_01.png"
     assert crop.mode == "RGB"
     assert crop.size == (501, 421)
@@ -128,7 +131,7 @@ def test_an_image_with_several_boxes_gives_a_crop_and_a_layout_block_per_box() -
 
     page = assemble_page(_page(number=3), parsed, index=0)
 
-    assert [(name, crop.size) for name, crop in page.crops] == [
+    assert [(name, Image.open(io.BytesIO(png)).size) for name, png in page.crops] == [
         ("p0003_01.png", (501, 421)),
         ("p0003_02.png", (WIDTH, HEIGHT)),
         ("p0003_03.png", (201, 141)),

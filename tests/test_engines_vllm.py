@@ -107,8 +107,9 @@ async def test_a_vllm_server_gets_one_chat_completion_per_page_with_its_extras(f
     image_part, text_part = body["messages"][0]["content"]
     assert text_part == {"type": "text", "text": PROMPT}
     assert image_part["type"] == "image_url"
+    assert image_part["image_url"]["url"].startswith("data:image/tiff;base64,")
     sent = request_image(body)
-    assert sent.format == "PNG"
+    assert sent.format == "TIFF"  # lossless, and the cheapest to make and read (``app.lossless``)
     assert sent.size == (300, 200)
     assert sent.convert("RGB").getpixel((150, 100)) == (255, 0, 0)
 
@@ -568,9 +569,9 @@ async def test_pages_of_all_tasks_share_one_bound(fake: FakeOpenAI) -> None:
     fake.respond = lambda body: Reply(completion("p"), delay=0.1)
     models = manager_for(fake.url, concurrency=3)
     # sizes_apply: vLLM decides the image geometry, so the size options change nothing it is sent;
-    # sends_png: the page's PNG goes as it is, so the pipeline leaves its pixels undecoded.
+    # sends_encoded: the page's lossless encoding goes as it is, so the pipeline leaves its pixels undecoded.
     assert await models.limits() == DispatchLimits(
-        pages_per_call=1, calls_in_flight=3, sizes_apply=False, sends_png=True
+        pages_per_call=1, calls_in_flight=3, sizes_apply=False, sends_encoded=True
     )
 
     async def task(pages: int) -> None:

@@ -68,7 +68,7 @@ def _page(index: int, markdown: str, *, crops: int = 0) -> AssembledPage:
             "truncated_reason": "max_tokens" if index == 1 else None,
             "blocks": blocks,
         },
-        crops=[(f"p{index + 3:04d}_{n:02d}.png", Image.new("RGB", (2, 2))) for n in range(1, crops + 1)],
+        crops=[(f"p{index + 3:04d}_{n:02d}.png", b"\x89PNG") for n in range(1, crops + 1)],
         truncated=index == 1,
         truncated_reason="max_tokens" if index == 1 else None,
     )
@@ -255,3 +255,11 @@ async def test_the_engine_gets_the_rendered_pixels_and_a_resumed_task_ends_with_
         assert preview.size == rendered[2].size
     with store.open_preview(record, 2) as handle:
         assert Image.open(io.BytesIO(handle.read())).format == "WEBP"
+    pages = store.root / "tasks" / task_id / "pages"
+    assert Image.open(pages / "p0002.tiff").convert("RGB").tobytes() == rendered[2].tobytes()
+    # A page stored as PNG by a release before pages were TIFF still gets its preview.
+    for name in ("p0002.tiff", "p0002.webp"):
+        (pages / name).unlink()
+    rendered[2].save(pages / "p0002.png")
+    with store.open_preview(record, 2) as handle:
+        assert Image.open(io.BytesIO(handle.read())).size == rendered[2].size

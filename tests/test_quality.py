@@ -181,7 +181,7 @@ async def test_a_text_layer_past_the_memory_ceiling_is_dropped_and_the_page_stil
 ) -> None:
     """10.8 million characters in 28 kB (a form drawn 2,000 times): MuPDF needs about 850 MB to
     extract them, the render alone under 384 MiB. The page keeps its image and goes without a text
-    layer (``Page.get_text`` would have kept the failed extraction's memory, failing the PNG and the
+    layer (``Page.get_text`` would have kept the failed extraction's memory, failing the encoding and the
     page), and the next page renders with its own."""
     line = "Lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt. "
     with pymupdf.open() as words, pymupdf.open() as forty, pymupdf.open() as document:
@@ -197,7 +197,7 @@ async def test_a_text_layer_past_the_memory_ceiling_is_dropped_and_the_page_stil
     async with RenderPool(processes=1, page_seconds=60, memory_mb=512) as pool:
         dense = await pool.render(tmp_path / "dense.pdf", DocumentKind.PDF, 1, dpi=72, max_pixels=MAX_PIXELS)
         after = await pool.render(normal, DocumentKind.PDF, 1, dpi=72, max_pixels=MAX_PIXELS)
-    assert (dense.text_layer, dense.has_ink, dense.png is not None) == (None, True, True)
+    assert (dense.text_layer, dense.has_ink, dense.encoded is not None) == (None, True, True)
     assert after.text_layer == OTHER[:80] + "\n"
 
 

@@ -310,13 +310,23 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
     store.write_preview(record.task_id, 1, Image.new("RGB", (2000, 1000), "white"))
     with store.open_preview(record, 1) as preview:
         assert Image.open(io.BytesIO(preview.read())).size == (1600, 800)
+    # A page stored as PNG by a release before pages were TIFF still gets its preview.
+    legacy = io.BytesIO()
+    Image.new("RGB", (300, 200), "blue").save(legacy, format="PNG")
+    legacy.seek(0)
+    store._bucket.upload(f"team-a/tasks/{record.task_id}/pages/p0003.png", legacy, "image/png")
+    with store.open_preview(record, 3) as preview:
+        assert Image.open(io.BytesIO(preview.read())).size == (300, 200)
+    assert f"team-a/tasks/{record.task_id}/pages/p0001.tiff" in s3.objects()
 
     # Lease 1 stalled; lease 2 took over and finished: what is read is lease 2's, whatever 1 writes.
     record.lease = 2
     store.save(record, expect_lease=0)
     store.write_result(record.task_id, "full.md", b"winner", lease=2)
     store.write_result(record.task_id, "full.md", b"stale", lease=1)
-    store.write_image(record.task_id, "p0001_01.png", Image.new("RGB", (4, 4), "red"), lease=2)
+    red = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(red, format="PNG")
+    store.write_image(record.task_id, "p0001_01.png", red.getvalue(), lease=2)
     with store.open_result(record, "full.md") as result:
         assert result.read() == b"winner"
     with store.open_result(record, "images/p0001_01.png") as image:

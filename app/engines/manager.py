@@ -73,9 +73,9 @@ class DispatchLimits:
     # Whether the size options (base_size, image_size, crop_mode) change what the model sees: the
     # vllm engines leave the image geometry to vLLM's processor, the hf engines apply them.
     sizes_apply: bool = True
-    # Whether the engine sends a page's lossless PNG as it is (``app.engines.vllm.LOSSLESS_PNG``)
-    # and never reads its pixels: the pipeline then leaves them undecoded.
-    sends_png: bool = False
+    # Whether the engine sends a page's lossless encoding as it is (``app.lossless.held``) and
+    # never reads its pixels: the pipeline then leaves them undecoded.
+    sends_encoded: bool = False
 
 
 class ModelManager:
@@ -134,7 +134,7 @@ class ModelManager:
                 pages_per_call=1,
                 calls_in_flight=engine.max_concurrency,
                 sizes_apply=False,
-                sends_png=isinstance(engine, RemoteEngine),
+                sends_encoded=isinstance(engine, RemoteEngine),
             )
         return DispatchLimits(pages_per_call=engine.max_batch_size, calls_in_flight=2)
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import random
 import time
@@ -53,6 +52,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 from PIL import Image
 
+from app import lossless
 from app.engines.async_base import ServerHealth
 from app.engines.base import END_MARKER, PageText, RecognizeOptions, StopReason
 from app.engines.token_budget import (
@@ -128,34 +128,17 @@ def _snippet(response: httpx.Response) -> str:
     return text[:_ERROR_SNIPPET_CHARS] + ("..." if len(text) > _ERROR_SNIPPET_CHARS else "")
 
 
-@dataclass(frozen=True)
-class LosslessPng:
-    """A PNG with exactly the pixels of the image whose ``info[LOSSLESS_PNG]`` holds it, encoded
-    ahead (the pipeline's render processes make one for every page, in parallel)."""
-
-    size: tuple[int, int]  # the image's: a crop or a resized copy inherits ``info``, not the pixels
-    data: bytes
-
-
-LOSSLESS_PNG = "dsocr_lossless_png"
-
-
 def encode_image(image: Image.Image) -> str:
-    """The page as a ``data:image/png;base64,...`` URL (blocking: run it in a thread).
+    """The page as a base64 data URL of its lossless encoding (blocking: run it in a thread).
 
-    PNG because it is lossless (vLLM makes every image RGB, so a one-channel PNG of a grey page
-    reads back the same) and rendered pages (flat backgrounds, text) compress well. The PNG the
-    image carries in ``info[LOSSLESS_PNG]`` is sent as it is; otherwise zlib level 1, which took 33
-    ms a page of a manual at 144 dpi for 249 KiB against level 3's 40 ms and 242 KiB.
+    Lossless because the model must see the pixels rendered (``app.lossless`` says which encoding
+    and why, and that every OpenAI-compatible server we know reads it). A page the pipeline
+    encoded ahead (its render processes encode every page, in parallel) is sent as it is.
     """
-    held = image.info.get(LOSSLESS_PNG)
-    if isinstance(held, LosslessPng) and held.size == image.size:
-        data = held.data
-    else:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=1)
-        data = buffer.getvalue()
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    data = lossless.held(image)
+    if data is None:
+        data = lossless.encode(image)
+    return f"data:{lossless.MEDIA_TYPE};base64," + base64.b64encode(data).decode("ascii")
 
 
 def page_text_from_completion(payload: Any) -> PageText:

@@ -7,6 +7,7 @@ Markdown where ``DESIGN.md`` (section 4) says; figure links are relative (``imag
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ class AssembledPage:
     number: int  # 1-based page number in the source document (PageImage.number)
     markdown: str  # this page's Markdown, figure links "images/<name>"
     layout: dict[str, Any]  # the page's entry in layout.json
-    crops: list[tuple[str, Image.Image]]  # (file name, cropped RGB image), one per image box kept
+    # (file name, the crop as PNG), one per image box kept: encoded as cut, so a page waiting for
+    # its turn holds tens of kB a figure rather than its pixels
+    crops: list[tuple[str, bytes]]
     truncated: bool
     truncated_reason: str | None
     # result.json's ``quality`` of the page (``PageQuality.as_json``); None where nothing judged it
@@ -63,7 +66,7 @@ def assemble_page(
     size = page.size  # known without decoding: only pages with figures need their pixels
     parts: list[str] = []
     layout_blocks: list[dict[str, Any]] = []
-    crops: list[tuple[str, Image.Image]] = []
+    crops: list[tuple[str, bytes]] = []
     for block in parsed.blocks:
         if block.label == "image":
             entries, links, images = _image_block(block, page, first=len(crops) + 1)
@@ -110,17 +113,17 @@ def merge_markdown(pages: Sequence[AssembledPage]) -> str:
 
 def _image_block(
     block: Block, page: PageImage, first: int
-) -> tuple[list[dict[str, Any]], list[str], list[tuple[str, Image.Image]]]:
+) -> tuple[list[dict[str, Any]], list[str], list[tuple[str, bytes]]]:
     """An image block's layout blocks, Markdown parts and crops, its crops numbered from ``first``."""
     entries: list[dict[str, Any]] = []
     parts: list[str] = []
-    crops: list[tuple[str, Image.Image]] = []
+    crops: list[tuple[str, bytes]] = []
     for box in block.boxes:
         pixels = _to_pixels(box, page.size)
         entry = _box_entry("image", box, pixels)
         if _has_area(pixels):
             name = f"p{page.number:04d}_{first + len(crops):02d}.png"
-            crops.append((name, page.crop(pixels)))
+            crops.append((name, _encode_crop(page.crop(pixels))))
             entry["image"] = f"{IMAGE_DIR}/{name}"
             parts.append(f"![]({entry['image']})")
         entries.append(entry)
@@ -130,6 +133,14 @@ def _image_block(
         entries[0]["text"] = block.content
         parts.append(block.content)
     return entries, parts, crops
+
+
+def _encode_crop(crop: Image.Image) -> bytes:
+    """A figure crop as the PNG users download (zlib level 1: written once, read rarely; higher
+    levels cost twice the time for a few per cent fewer bytes)."""
+    out = io.BytesIO()
+    crop.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
 
 
 def block_markdown(label: str, text: str) -> str:

@@ -8,7 +8,6 @@ memory ceiling. In the same process MuPDF would also hold the GIL for as long as
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import struct
@@ -24,18 +23,19 @@ from types import TracebackType
 from typing import Self, cast
 
 import pymupdf
-from PIL import ExifTags, Image, ImageChops
+from PIL import ExifTags, Image
 
+from app import lossless
 from app.documents import DocumentKind, out_of_range, select_pages
 from app.errors import InvalidDocument, InvalidOptions, RenderMemoryExceeded, TooManyPages
 
 
 class PageImage:
-    """One rendered page, ready for the engine: its pixels, or the lossless PNG they come from.
+    """One rendered page, ready for the engine: its pixels, or the lossless encoding they come in.
 
     A page rendered in this process has its pixels (``image``); one rendered in a render process
-    comes as its PNG alone (``encode_lossless``: most pages need no pixels in the service, whose
-    engine is sent the PNG as it is), and ``image`` decodes it on first use, once, in whichever
+    comes encoded alone (``app.lossless``: most pages need no pixels in the service, whose engine
+    is sent the encoded page as it is), and ``image`` decodes it on first use, once, in whichever
     thread asks first (keep that off the event loop: about 10 ms a page).
     """
 
@@ -45,86 +45,62 @@ class PageImage:
         number: int,
         dpi: float | None,
         image: Image.Image | None = None,
-        png: bytes | None = None,
-        size: tuple[int, int] | None = None,
+        encoded: lossless.Encoded | None = None,
         text_layer: str | None = None,
         has_ink: bool = True,
     ) -> None:
-        """``image`` (RGB), or ``png`` with the ``size`` it was checked to have (``png_size``)."""
-        if image is None and (png is None or size is None):
-            raise ValueError("a page needs its pixels, or its PNG and size")
+        """``image`` (RGB), or ``encoded`` (``lossless.encode`` of it, its size checked)."""
+        if image is None and encoded is None:
+            raise ValueError("a page needs its pixels, or their lossless encoding")
         self.number = number  # 1-based page number in the source document
         # render resolution for PDFs (after any pixel-limit scaling); None for images
         self.dpi = dpi
-        self.png = png  # ``encode_lossless(image)`` when a render process made it
+        self.encoded = encoded  # when a render process made the page
         # The PDF page's own text, at most TEXT_LAYER_MAX_CHARS of it; None for images, pages
         # without text and pages whose text could not be extracted. What the recognised text is
         # measured against (``app.pipeline.quality``).
         self.text_layer = text_layer
         self.has_ink = has_ink  # ``has_ink(image)``: whether the pixels show anything at all
         self._image = image
-        self._size = image.size if image is not None else size
+        self._size = image.size if image is not None else encoded.size if encoded is not None else (0, 0)
         self._decoding = threading.Lock()
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) in pixels, known without decoding anything."""
-        assert self._size is not None
         return self._size
+
+    def stored_form(self) -> bytes | Image.Image:
+        """What storage keeps of the page: its encoding when it has one, else its pixels."""
+        return self.encoded.data if self.encoded is not None else self.image
 
     @property
     def image(self) -> Image.Image:
-        """The page in RGB (decoded from ``png`` the first time; blocking)."""
+        """The page in RGB (decoded the first time; blocking)."""
         with self._decoding:
             if self._image is None or self._image.mode != "RGB":
-                # A grey page's PNG has one channel (``encode_lossless``): RGB again, same values.
+                # A grey page is encoded with one channel: RGB again, same values.
                 self._image = self._decode().convert("RGB")
             return self._image
 
     def crop(self, box: tuple[int, int, int, int]) -> Image.Image:
-        """The pixels in ``box`` (left, top, right, bottom), in RGB (blocking: decodes ``png`` the
-        first time, but leaves a grey page one channel: a figure's crop costs a third as much)."""
+        """The pixels in ``box`` (left, top, right, bottom), in RGB (blocking: decodes the page
+        the first time, but leaves a grey page one channel: a figure's crop costs a third as much)."""
         with self._decoding:
             if self._image is None:
                 self._image = self._decode()
             return self._image.crop(box).convert("RGB")
 
+    def forget_pixels(self) -> None:
+        """Drop the pixels decoded from the page's encoding (decoded again if asked for): a page
+        kept waiting for its turn after its crops were cut holds its encoding alone."""
+        if self.encoded is not None:
+            with self._decoding:
+                self._image = None
+
     def _decode(self) -> Image.Image:
-        assert self.png is not None
-        # Not closed: closing an image frees its pixels, and a BytesIO holds no file.
-        opened = Image.open(io.BytesIO(self.png), formats=["PNG"])
-        opened.load()
-        return opened if opened.mode in ("L", "RGB") else opened.convert("RGB")
-
-
-def png_size(png: bytes, max_pixels: int) -> tuple[int, int]:
-    """The size a lossless page PNG declares, read from its header (nothing is decoded).
-
-    Raises ``ValueError`` when it is no PNG of one (L) or three (RGB) 8-bit channels, or larger
-    than ``max_pixels``: what a render process sends must be what ``encode_lossless`` makes.
-    """
-    try:
-        with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
-            width, height, mode = image.width, image.height, image.mode
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"not a PNG: {exc}") from None
-    if mode not in ("L", "RGB") or width * height > max_pixels or not (width > 0 and height > 0):
-        raise ValueError(f"a PNG of {width}x{height} pixels in mode {mode}")
-    return width, height
-
-
-def encode_lossless(image: Image.Image) -> bytes:
-    """The page as a PNG with exactly its pixels: what the engine is sent and previews are made from.
-
-    A page whose pixels are all grey (most text pages) is stored as one channel: every reader
-    (vLLM, Pillow) makes it RGB again with the same values, and it costs half the time and bytes.
-    zlib level 1: measured on 20 pages of a manual at 144 dpi (1224x1584), level 1 took 33 ms and
-    249 KiB a page, level 3 40 ms and 242 KiB, level 6 53 ms and 263 KiB, lossless WebP (method 0)
-    58 ms and 374 KiB; a grey page at level 1 15 ms and 129 KiB.
-    """
-    out = io.BytesIO()
-    _one_channel_if_grey(image).save(out, format="PNG", compress_level=1)
-    return out.getvalue()
+        assert self.encoded is not None
+        return lossless.decode(self.encoded.data)
 
 
 TEXT_LAYER_MAX_CHARS = 200_000
@@ -155,16 +131,6 @@ def has_ink(image: Image.Image) -> bool:
     inner = grey.crop((dx, dy, width - dx, height - dy))
     dark = sum(inner.histogram()[:_INK_LEVEL])
     return dark >= _INK_MIN_SHARE * inner.width * inner.height
-
-
-def _one_channel_if_grey(image: Image.Image) -> Image.Image:
-    """``image`` as mode L when that loses nothing (R = G = B everywhere), else as it is (1.5 ms)."""
-    if image.mode != "RGB":
-        return image
-    red, green, blue = image.split()
-    if ImageChops.difference(red, green).getbbox() or ImageChops.difference(green, blue).getbbox():
-        return image
-    return red
 
 
 @dataclass(frozen=True)
@@ -423,13 +389,13 @@ def _text_layer(page: pymupdf.Page) -> str | None:
     layer only measures the page's quality, so a page that rendered is not lost to it (it goes
     without an agreement).
 
-    Costs 1-2 ms on a dense page, against 15-30 ms for its render and PNG. MuPDF holds the whole
+    Costs 1-2 ms on a dense page, against 8-12 ms for its render and encoding. MuPDF holds the whole
     page's text while extracting (about 50 bytes a character): a page with millions of characters
     is bounded by the render process's memory ceiling and deadline like its render, and only the
     cap is kept. Built from MuPDF's own objects rather than with ``Page.get_text``, which keeps its
     half-built text when MuPDF runs out of memory (430 MB of a 512 MiB ceiling still held after
     the failure, measured on a page of 10.8 million characters), so nothing is left to encode the
-    page's PNG with; these are freed with the exception.
+    page with; these are freed with the exception.
     """
     mupdf = pymupdf.mupdf
     fz_page = page.this if isinstance(page.this, mupdf.FzPage) else page.this.super()

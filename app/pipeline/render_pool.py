@@ -11,8 +11,8 @@ and the caller gets an error in ``app.errors`` naming the page (``RenderTimeout`
 
 Each process is a fresh interpreter (``asyncio.create_subprocess_exec``, the same as
 multiprocessing's "spawn"): forking a service that holds torch and its threads is unsafe. Its pipes
-are read by the event loop itself, so no thread waits on a render. A page comes back as its
-lossless PNG, which the process encodes (the engine is sent it; previews are made from it; the
+are read by the event loop itself, so no thread waits on a render. A page comes back losslessly
+encoded (``app.lossless``), by the process (the engine is sent it; previews are made from it; the
 service decodes it only where it needs the pixels), and its text layer, in a shared memory file (a
 memfd) that each process writes and the service maps.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import mmap
@@ -33,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from app import lossless, malloc
 from app.documents import DocumentKind
 from app.errors import (
     DocumentTooComplex,
@@ -45,7 +45,7 @@ from app.errors import (
     ServiceUnavailable,
     TooManyPages,
 )
-from app.pipeline.pages import TEXT_LAYER_MAX_CHARS, Inspection, PageImage, png_size
+from app.pipeline.pages import TEXT_LAYER_MAX_CHARS, Inspection, PageImage
 from app.pipeline.render_child import LENGTH, MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,11 @@ _REFUSALS: dict[str, type[DsocrError]] = {
     cls.__name__: cls for cls in (InvalidDocument, InvalidOptions, TooManyPages, RenderMemoryExceeded)
 }
 _START_SECONDS = 60.0  # s, for a new process to import its libraries and say it is ready
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 _PAGE_BUFFER_BYTES = 1 << 20
-# A PNG of noise is a little larger than its pixels; past this it is a broken process, not a page.
-_MAX_PNG_FACTOR = 2
+# A page of noise encodes a little larger than its pixels, plus the format's header and tags;
+# past this it is a broken process, not a page.
+_MAX_ENCODED_FACTOR = 2
+_MAX_ENCODED_OVERHEAD = 64 << 10
 _MAX_TEXT_BYTES = 4 * TEXT_LAYER_MAX_CHARS  # UTF-8 takes at most 4 bytes a character
 _RESPAWN_BACKOFF_SECONDS = (1.0, 30.0)  # s, between failed starts of a replacement: first, most
 # The package root, for the child's import path: the service may run from any directory.
@@ -147,21 +148,24 @@ class _Process:
             raise _Died("it sent something other than an object")
         return answer
 
-    def read_page(self, png: int, text: int, size: tuple[int, int], max_pixels: int) -> tuple[bytes, str]:
-        """The page's PNG and ``text`` bytes of its text layer the last render left in the shared
-        file (blocking: a copy of a few hundred kB, and the PNG's header read). Raises
-        ``ValueError`` when the file holds fewer, or a PNG that is not of ``size`` pixels."""
+    def read_page(
+        self, encoded: int, text: int, size: tuple[int, int], max_pixels: int
+    ) -> tuple[lossless.Encoded, str]:
+        """The page's ``encoded`` bytes (``app.lossless``) and ``text`` bytes of its text layer the
+        last render left in the shared file (blocking: a copy of a few hundred kB, and the image's
+        header read). Raises ``ValueError`` when the file holds fewer, or an image that is not
+        what ``lossless.encode`` makes of ``size`` pixels."""
         with (
-            mmap.mmap(self._pixels, png + text, access=mmap.ACCESS_READ) as shared,
+            mmap.mmap(self._pixels, encoded + text, access=mmap.ACCESS_READ) as shared,
             memoryview(shared) as view,
         ):
-            encoded = bytes(view[:png])
+            data = bytes(view[:encoded])
             # A broken process's bytes must not fail the page: "replace" keeps them harmless.
-            layer = str(view[png:], "utf-8", "replace")
-        # Checked here, off the event loop: a crafted PNG may make its header slow to read.
-        if png_size(encoded, max_pixels) != size:
-            raise ValueError(f"its PNG is not of the {size[0]}x{size[1]} pixels it said")
-        return encoded, layer
+            layer = str(view[encoded:], "utf-8", "replace")
+        # Checked here, off the event loop: a crafted image may make its header slow to read.
+        if lossless.declared_size(data, max_pixels) != size:
+            raise ValueError(f"its image is not of the {size[0]}x{size[1]} pixels it said")
+        return lossless.Encoded(size, data), layer
 
     def how_it_ended(self) -> str:
         """How a reaped process ended, e.g. "killed by SIGSEGV"."""
@@ -191,17 +195,13 @@ class _Process:
 def _give_back_page_buffers() -> None:
     """Have glibc's malloc return every block of 1 MiB or more to the system when it is freed.
 
-    A page's pixels are a block of megabytes in this process. glibc serves such blocks with their
-    own mappings, but raises that threshold to the largest block freed so far, after which pages
-    come out of its heaps, which fragment: the service's RSS crept up with the number of pages
-    (227 MiB after 200 pages, 278 MiB after 1,000, in ``bench/ceiling.py``), and stayed flat at
-    about 150 MiB with the threshold fixed. Elsewhere (musl, macOS) nothing is done.
+    Here, the service's process, a page's pixels are a block of megabytes only when decoded (crops,
+    engines in this process). With glibc's own thresholds those blocks come out of its heaps, which
+    fragment: the service's RSS crept up with the number of pages (227 MiB after 200 pages, 278
+    MiB after 1,000, in ``bench/ceiling.py``), and stayed flat at about 150 MiB with this. The
+    render processes, where every page is pixels, keep theirs (``render_child``).
     """
-    if sys.platform != "linux":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, _PAGE_BUFFER_BYTES)  # glibc only; a no-op answer elsewhere
+    malloc.set_thresholds(mmap_bytes=_PAGE_BUFFER_BYTES)
 
 
 def _shared_file() -> int:
@@ -303,8 +303,8 @@ class RenderPool:
         self, path: Path, kind: DocumentKind, number: int, *, dpi: float, max_pixels: int
     ) -> PageImage:
         """Render 1-based page ``number`` as ``app.pipeline.pages.Document.render`` does, in a
-        render process, with its ``png`` (``encode_lossless``), ``text_layer`` and ``has_ink``
-        made there too; the pixels come as that PNG alone, decoded when first used
+        render process, with its ``encoded`` form (``app.lossless``), ``text_layer`` and ``has_ink``
+        made there too; the pixels come encoded alone, decoded when first used
         (``PageImage.image``). Raises what it raises, and ``RenderTimeout`` or ``RenderMemoryExceeded``
         naming the page when it passes a limit. Cancelling this kills the render."""
         request = {
@@ -318,7 +318,7 @@ class RenderPool:
         process, answer = await self._call(request, subject=f"page {number}", doing="render", document=path)
         try:
             width, height, page_dpi = answer.get("width"), answer.get("height"), answer.get("dpi")
-            png, text, ink = answer.get("png"), answer.get("text"), answer.get("has_ink")
+            size, text, ink = answer.get("encoded"), answer.get("text"), answer.get("has_ink")
             if not (
                 isinstance(width, int)
                 and isinstance(height, int)
@@ -326,16 +326,16 @@ class RenderPool:
                 and height > 0
                 and width * height <= max_pixels
                 and (page_dpi is None or isinstance(page_dpi, int | float))
-                and isinstance(png, int)
-                and 0 < png <= _MAX_PNG_FACTOR * 3 * width * height
+                and isinstance(size, int)
+                and 0 < size <= _MAX_ENCODED_FACTOR * 3 * width * height + _MAX_ENCODED_OVERHEAD
                 and (text is None or (isinstance(text, int) and 0 < text <= _MAX_TEXT_BYTES))
                 and isinstance(ink, bool)
             ):
                 raise ValueError(f"it answered {answer!r}")
             encoded, layer = await asyncio.to_thread(
-                process.read_page, png, text or 0, (width, height), max_pixels
+                process.read_page, size, text or 0, (width, height), max_pixels
             )
-        except ValueError as exc:  # the shared file holds less than it said, or not a page's PNG
+        except ValueError as exc:  # the shared file holds less than it said, or not an encoded page
             self._replace(process)
             raise PageFailed(f"page {number}: a render process broke the protocol: {exc}") from None
         except BaseException:
@@ -345,8 +345,7 @@ class RenderPool:
         return PageImage(
             number=number,
             dpi=None if page_dpi is None else float(page_dpi),
-            png=encoded,
-            size=(width, height),
+            encoded=encoded,
             text_layer=None if text is None else layer,
             has_ink=ink,
         )

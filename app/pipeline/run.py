@@ -2,15 +2,19 @@
 
 The event loop only awaits here: pages render in the ``RenderPool``'s processes, as many at once as
 it has and ahead of recognition, each under its deadline (a cancel or a shutdown seen while pages
-render kills those renders); each render process also encodes its page as the lossless PNG the
-engine is sent and the preview is made from, so the service's own process only stores it.
-Assembly and file writes run in threads, inference goes through the ``ModelManager``. Pages are
+render kills those renders); each render process also encodes its page losslessly
+(``app.lossless``) as the engine is sent it and the preview is made from it, so the service's own
+process only stores it, as soon as it arrives. Assembly and file writes run in threads, inference
+goes through the ``ModelManager``. Pages are
 recognised in *calls* shaped by the engine (``ModelManager.limits``): batches one at a time for
 the ``hf`` engine, single pages many at once for the ``vllm`` engine. Calls run as asyncio tasks
 while the next pages render, so rendering overlaps recognition; at most ``2 * calls_in_flight``
 calls are held (running, or done and waiting for an earlier page), which bounds the rendered pages
 kept in memory. Results are assembled strictly in page order, so progress moves page by page and
-``full.md`` is in order whatever order the server answers in. An assembled page goes to disk
+``full.md`` is in order whatever order the server answers in; but the work of a page's first
+attempt (parsing, judging, and when no retry can follow, cropping its figures and storing them) is
+done as soon as its call ends, in that call's task, so pages are judged and cropped side by side
+and the in-order part is only appending each to the results. An assembled page goes to disk
 (``AssembledPages``) once stored, so memory does not grow with the document.
 
 A page's raw output is stored as soon as it exists, even ahead of earlier pages, so a task resumed
@@ -32,7 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,10 +47,10 @@ from typing import Any
 
 from PIL import Image
 
+from app import lossless
 from app.documents import DocumentKind
 from app.engines.base import PageText, RecognizeOptions
 from app.engines.manager import DispatchLimits, ModelManager
-from app.engines.vllm import LOSSLESS_PNG, LosslessPng
 from app.errors import DsocrError, PageFailed
 from app.metrics import Metrics
 from app.pipeline.assemble import AssembledPage, assemble_page
@@ -59,9 +64,10 @@ from app.storage.base import TaskStore
 OnPage = Callable[[AssembledPage, float], Awaitable[None]]
 """Called after each page with the assembled page and the seconds it took."""
 
-Recognized = list[tuple[PageText, float]]
-"""Each page of a call with its text and its seconds (0 for a page read back from raw/)."""
 
+# Pages assembled at once, each holding its decoded pixels (6-8 MB) while its figures are cut:
+# more than the cores would only raise the peak memory, not the pace.
+_CUTTING = threading.BoundedSemaphore(os.cpu_count() or 1)
 _FAILURE_GRACE_SECONDS = 1.0  # how long a failure waits for the calls sent before it
 _INTERRUPT_POLL_SECONDS = 0.1  # how often a page's render looks for a cancel or a shutdown
 # A pipeline built without a pool (tools, benchmarks) renders trusted documents: it starts one
@@ -108,11 +114,22 @@ class _Attempt:
 
 
 @dataclass(frozen=True)
+class _Ready:
+    """A page's first attempt as its call ended: where its in-order assembly starts from."""
+
+    text: PageText
+    seconds: float  # recognising it; 0 for a page read back from raw/
+    first: _Attempt | None = None  # judged, unless read back from raw/ (judged when assembled)
+    # When that attempt is final (no rung would follow it): the page assembled, its crops stored.
+    assembled: AssembledPage | None = None
+
+
+@dataclass(frozen=True)
 class _Call:
     """Consecutive pages recognised together, and the asyncio task that recognises them."""
 
     pages: list[PageImage]
-    result: asyncio.Future[Recognized]
+    result: asyncio.Future[list[_Ready]]
 
 
 class PagePipeline:
@@ -173,7 +190,8 @@ class PagePipeline:
         held: deque[_Call] = deque()  # in page order
         batch: list[PageImage] = []  # rendered, not yet sent
         limits: DispatchLimits | None = None
-        ahead = _RenderAhead(renders, job, check_interrupt)
+        ahead = _RenderAhead(renders, job, functools.partial(self._store_page, job), check_interrupt)
+        positions = {number: index for index, number in enumerate(job.page_numbers)}
         # Handed to the engine when the call before it was: the model manager runs calls in the
         # order they reach it, and their pixels decode in threads that may end in any order.
         handed_over: asyncio.Future[None] | None = None
@@ -182,7 +200,9 @@ class PagePipeline:
             nonlocal handed_over
             await self._make_room(job, held, room_for.calls_in_flight, done, on_page, check_interrupt)
             previous, handed_over = handed_over, asyncio.get_running_loop().create_future()
-            call = asyncio.ensure_future(self._recognize(job, list(batch), room_for, previous, handed_over))
+            call = asyncio.ensure_future(
+                self._recognize(job, list(batch), positions, room_for, previous, handed_over)
+            )
             call.add_done_callback(functools.partial(_pass_on, handed_over))  # even if it never ran
             held.append(_Call(list(batch), call))
             batch.clear()
@@ -192,14 +212,13 @@ class PagePipeline:
                 for _ in job.page_numbers:
                     check_interrupt()
                     await self._assemble_ready(job, held, done, on_page, check_interrupt)
-                    page = await ahead.next()
-                    saved = await asyncio.to_thread(self._store_page, job, page)
+                    page, saved = await ahead.next()
                     if saved is not None:
                         if batch:  # keep page order: the pages before this one go first
                             assert limits is not None
                             await send(limits)
                         text = _saved_text(saved)
-                        held.append(_Call([page], _resolved([(text, 0.0)])))
+                        held.append(_Call([page], _resolved([_Ready(text, 0.0)])))
                         continue
                     if limits is None:
                         limits = await self._limits(page)
@@ -287,29 +306,23 @@ class PagePipeline:
         """Assemble the pages of the leading calls that ended well, in order."""
         while held and held[0].result.done() and not _failed(held[0]):
             call = held.popleft()
-            for page, (text, seconds) in zip(call.pages, call.result.result(), strict=True):
+            for page, ready in zip(call.pages, call.result.result(), strict=True):
                 check_interrupt()
-                await self._finish_page(
-                    job,
-                    page,
-                    text,
-                    len(done),
-                    done,
-                    on_page,
-                    seconds=seconds,
-                    check_interrupt=check_interrupt,
-                )
+                await self._finish_page(job, page, ready, done, on_page, check_interrupt)
 
     async def _recognize(
         self,
         job: PageJob,
         batch: list[PageImage],
+        positions: dict[int, int],
         limits: DispatchLimits,
         previous: asyncio.Future[None] | None,
         handed_over: asyncio.Future[None],
-    ) -> Recognized:
-        """Recognise one call's pages and store each page's raw output at once. The call is handed
-        to the engine once ``previous`` (the call before it) was; ``handed_over`` says it was."""
+    ) -> list[_Ready]:
+        """Recognise one call's pages, store each page's raw output at once, then judge each and
+        assemble those whose attempt is final (``_prepare``; ``positions``: each page number's
+        index in the task's result). The call is handed to the engine once ``previous`` (the call
+        before it) was; ``handed_over`` says it was."""
         try:
             images = await _for_engine(batch, limits)
             if previous is not None:
@@ -328,22 +341,33 @@ class PagePipeline:
             raise
         seconds = (time.perf_counter() - started) / len(batch)
 
-        def write_raw() -> None:  # one thread for the call's pages: each hop waits for the GIL
+        def store_and_prepare() -> list[_Ready]:  # one thread for the call: each hop waits for the GIL
             for page, text in zip(batch, texts, strict=True):
                 payload = _raw_payload(page, text, seconds, 0, job.recognize)
                 self._store.write_raw(job.task_id, page.number, payload)
+            return [
+                self._prepare(job, page, text, seconds, positions[page.number])
+                for page, text in zip(batch, texts, strict=True)
+            ]
 
-        await asyncio.to_thread(write_raw)
-        return [(text, seconds) for text in texts]
+        return await asyncio.to_thread(store_and_prepare)
+
+    def _prepare(self, job: PageJob, page: PageImage, text: PageText, seconds: float, index: int) -> _Ready:
+        """Judge a page's first attempt and, when no rung would follow it, assemble the page at
+        ``index`` and store its crops (blocking)."""
+        first = self._judged(page, 0, text, job.min_agreement)
+        if not _is_final(job, first):
+            return _Ready(text, seconds, first)
+        return _Ready(text, seconds, first, self._assembled(job, page, first, 1, index))
 
     def _store_page(self, job: PageJob, page: PageImage) -> dict[str, Any] | None:
         """Store the rendered page (its preview's source) and return its first attempt's raw
         output from an earlier run, if any (blocking)."""
-        self._store.write_preview(job.task_id, page.number, page.png if page.png is not None else page.image)
+        self._store.write_preview(job.task_id, page.number, page.stored_form())
         return self._store.read_raw(job.task_id, page.number)
 
     async def _climb(
-        self, job: PageJob, page: PageImage, first: PageText, check_interrupt: Callable[[], None]
+        self, job: PageJob, page: PageImage, first: _Attempt, check_interrupt: Callable[[], None]
     ) -> tuple[_Attempt, int, float]:
         """The page's best attempt, how many attempts it had and their seconds (0 for those read
         back from raw/), after climbing the ladder as far as the page needs (module docstring).
@@ -352,7 +376,7 @@ class PagePipeline:
         decoding is greedy, so it would give the same answer (the ``vllm`` engines leave the image
         geometry to vLLM, so the resolution rung changes nothing they send).
         """
-        best = await self._judge(job, page, 0, first)
+        best = first
         attempts, seconds = 1, 0.0
         sent = [job.recognize]
         for number, rung in enumerate(job.retries, start=1):
@@ -372,7 +396,7 @@ class PagePipeline:
                 seconds += spent
             sent.append(rung.options)
             attempts += 1
-            attempt = await self._judge(job, page, number, text)
+            attempt = await asyncio.to_thread(self._judged, page, number, text, job.min_agreement)
             if attempt.quality.rank() > best.quality.rank():
                 best = attempt
         return best, attempts, seconds
@@ -394,66 +418,65 @@ class PagePipeline:
         self._metrics.page_retries.inc()
         return text, seconds
 
-    async def _judge(self, job: PageJob, page: PageImage, rung: int, text: PageText) -> _Attempt:
-        """Parse one attempt and assess it (in a thread: parsing a long page takes a while)."""
-
-        def judge() -> _Attempt:
+    @staticmethod
+    def _judged(page: PageImage, rung: int, text: PageText, min_agreement: float) -> _Attempt:
+        """Parse one attempt and assess it (blocking: parsing a long page takes a while)."""
+        try:
             parsed = parse_page(text.text, text.stop_reason)
             quality = assess(
-                text,
-                parsed,
-                text_layer=page.text_layer,
-                has_ink=page.has_ink,
-                min_agreement=job.min_agreement,
+                text, parsed, text_layer=page.text_layer, has_ink=page.has_ink, min_agreement=min_agreement
             )
-            return _Attempt(rung, text, parsed, quality)
-
-        try:
-            return await asyncio.to_thread(judge)
         except Exception as exc:  # a parser bug must fail this task with the page named, not the worker
             raise PageFailed(f"page {page.number}: {type(exc).__name__}: {exc}") from exc
+        return _Attempt(rung, text, parsed, quality)
 
     async def _finish_page(
         self,
         job: PageJob,
         page: PageImage,
-        text: PageText,
-        index: int,
+        ready: _Ready,
         done: AssembledPages,
         on_page: OnPage,
-        *,
-        seconds: float,
         check_interrupt: Callable[[], None],
     ) -> None:
-        """Climb the ladder for the page (``_climb``), then assemble and store its best attempt."""
-        kept, attempts, retry_seconds = await self._climb(job, page, text, check_interrupt)
-        seconds += retry_seconds
-        quality = kept.quality.as_json(attempts=attempts, rung=kept.rung)
-        try:
-            assembled = await asyncio.to_thread(self._assemble, job, page, kept.parsed, quality, index, done)
-        except DsocrError:
-            raise
-        except Exception as exc:  # a crop bug must fail this task with the page named, not the worker
-            raise PageFailed(f"page {page.number}: {type(exc).__name__}: {exc}") from exc
+        """Append the page to ``done`` as the next one, assembled by its call if its first attempt
+        was final, else after climbing the ladder (``_climb``) from it."""
+        seconds = ready.seconds
+        if ready.assembled is not None and ready.first is not None:
+            kept, assembled = ready.first, ready.assembled
+        else:
+            first = ready.first
+            if first is None:
+                first = await asyncio.to_thread(self._judged, page, 0, ready.text, job.min_agreement)
+            kept, attempts, retry_seconds = await self._climb(job, page, first, check_interrupt)
+            seconds += retry_seconds
+            assembled = await asyncio.to_thread(self._assembled, job, page, kept, attempts, len(done))
+        # Calls assemble their pages at the index the page's number has in the selection: every
+        # page before this one was appended, once, in order.
+        assert assembled.index == len(done), (assembled.index, len(done))
+        await asyncio.to_thread(done.add, assembled)
         self._metrics.observe_quality(kept.quality)
         if seconds:
             self._metrics.page_duration.observe(seconds)
             self._metrics.pages_processed.labels("truncated" if assembled.truncated else "complete").inc()
         await on_page(assembled, seconds)
 
-    def _assemble(
-        self,
-        job: PageJob,
-        page: PageImage,
-        parsed: ParsedPage,
-        quality: dict[str, Any],
-        index: int,
-        done: AssembledPages,
+    def _assembled(
+        self, job: PageJob, page: PageImage, kept: _Attempt, attempts: int, index: int
     ) -> AssembledPage:
-        assembled = assemble_page(page, parsed, index, quality=quality)
-        for name, crop in assembled.crops:
-            self._store.write_image(job.task_id, name, crop, lease=job.lease)
-        done.add(assembled)
+        """The page at ``index`` from its ``kept`` attempt of ``attempts``, its crops stored
+        (blocking)."""
+        quality = kept.quality.as_json(attempts=attempts, rung=kept.rung)
+        try:
+            with _CUTTING:
+                assembled = assemble_page(page, kept.parsed, index, quality=quality)
+                page.forget_pixels()
+            for name, png in assembled.crops:
+                self._store.write_image(job.task_id, name, png, lease=job.lease)
+        except DsocrError:
+            raise
+        except Exception as exc:  # a crop bug must fail this task with the page named, not the worker
+            raise PageFailed(f"page {page.number}: {type(exc).__name__}: {exc}") from exc
         return assembled
 
     def write_outputs(self, task_id: str, pages: AssembledPages, lease: int = 0) -> None:
@@ -466,16 +489,24 @@ class _RenderAhead:
     """The job's pages rendered in order, as many at once as the pool has processes, ahead of the
     page being recognised: the next pages are ready by the time they are wanted."""
 
-    def __init__(self, renders: RenderPool, job: PageJob, check_interrupt: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        renders: RenderPool,
+        job: PageJob,
+        store: Callable[[PageImage], dict[str, Any] | None],
+        check_interrupt: Callable[[], None],
+    ) -> None:
         self._renders = renders
         self._job = job
+        self._store = store  # blocking: keeps the page, and answers its raw output from earlier
         self._check_interrupt = check_interrupt
         self._numbers = iter(job.page_numbers)
-        self._started: deque[asyncio.Future[PageImage]] = deque()
+        self._started: deque[asyncio.Future[tuple[PageImage, dict[str, Any] | None]]] = deque()
 
-    async def next(self) -> PageImage:
-        """The next page, calling ``check_interrupt`` while it renders: what it raises is raised
-        here (``cancel`` then kills the renders). Raises what the render raises."""
+    async def next(self) -> tuple[PageImage, dict[str, Any] | None]:
+        """The next page, stored, with what ``store`` answered for it, calling ``check_interrupt``
+        while it renders: what it raises is raised here (``cancel`` then kills the renders).
+        Raises what the render raises."""
         self._start_more()
         render = self._started[0]
         while not render.done():
@@ -489,15 +520,18 @@ class _RenderAhead:
     def _start_more(self) -> None:
         """Start renders until one more page than the pool has processes is running or ready (or
         no page is left): every process stays busy, and rendered pages kept waiting are bounded."""
-        job = self._job
         while len(self._started) <= max(1, self._renders.processes):
             number = next(self._numbers, None)
             if number is None:
                 return
-            render = self._renders.render(
-                job.input_path, job.kind, number, dpi=job.dpi, max_pixels=job.max_pixels
-            )
-            self._started.append(asyncio.ensure_future(render))
+            self._started.append(asyncio.ensure_future(self._render_and_store(number)))
+
+    async def _render_and_store(self, number: int) -> tuple[PageImage, dict[str, Any] | None]:
+        job = self._job
+        page = await self._renders.render(
+            job.input_path, job.kind, number, dpi=job.dpi, max_pixels=job.max_pixels
+        )
+        return page, await asyncio.to_thread(self._store, page)
 
     async def cancel(self) -> None:
         """Cancel the renders still running (the pool kills their processes) and wait for them."""
@@ -517,19 +551,14 @@ def _pass_on(handed_over: asyncio.Future[None], *_: object) -> None:
 async def _for_engine(pages: list[PageImage], limits: DispatchLimits) -> list[Image.Image]:
     """The pages' images as the engine takes them.
 
-    An engine that sends the PNG a render process made (``limits.sends_png``) gets the PNG opened,
-    not decoded: ``app.engines.vllm`` reads only its size and the ``LOSSLESS_PNG`` it carries. Any
-    other gets the RGB pixels, decoded in a thread (about 10 ms a page). Raises ``PageFailed``
-    naming the page when its PNG cannot be decoded (a broken render process).
+    An engine that sends the encoded page a render process made (``limits.sends_encoded``) gets
+    it opened, not decoded: ``app.engines.vllm`` reads only its size and the bytes it carries
+    (``lossless.held``). Any other gets the RGB pixels, decoded in a thread (about 10 ms a page).
+    Raises ``PageFailed`` naming the page when it cannot be decoded (a broken render process).
     """
-    if limits.sends_png and all(page.png is not None for page in pages):
-        opened: list[Image.Image] = []
-        for page in pages:
-            assert page.png is not None
-            image = Image.open(io.BytesIO(page.png), formats=["PNG"])  # its header only, checked before
-            image.info[LOSSLESS_PNG] = LosslessPng(page.size, page.png)
-            opened.append(image)
-        return opened
+    if limits.sends_encoded and all(page.encoded is not None for page in pages):
+        # Their headers were read when they arrived (``lossless.declared_size``): cheap, no thread.
+        return [lossless.opened(page.encoded) for page in pages if page.encoded is not None]
 
     def decode() -> list[Image.Image]:
         images: list[Image.Image] = []
@@ -581,8 +610,17 @@ def _failed(call: _Call) -> bool:
     return call.result.done() and not call.result.cancelled() and call.result.exception() is not None
 
 
-def _resolved(value: Recognized) -> asyncio.Future[Recognized]:
-    future: asyncio.Future[Recognized] = asyncio.get_running_loop().create_future()
+def _is_final(job: PageJob, attempt: _Attempt) -> bool:
+    """Whether no rung would follow ``attempt`` as a page's first (``_climb``)."""
+    return (
+        not attempt.quality.suspect
+        or job.max_retries == 0
+        or not any(rung.remedies.intersection(attempt.quality.reasons) for rung in job.retries)
+    )
+
+
+def _resolved(value: list[_Ready]) -> asyncio.Future[list[_Ready]]:
+    future: asyncio.Future[list[_Ready]] = asyncio.get_running_loop().create_future()
     future.set_result(value)
     return future
 

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Protocol
 
 from PIL import Image
 
+from app import lossless
 from app.records import TaskRecord, TaskStatus, may_see
 
 Chunks = bytes | Iterable[bytes]
@@ -47,21 +48,27 @@ def chunks_of(data: Chunks) -> Iterable[bytes]:
     return (data,) if isinstance(data, bytes) else data
 
 
-def encode_preview(png: bytes) -> bytes:
-    """A page's preview from its stored PNG: a WebP scaled down to ``PREVIEW_MAX_SIDE``, about 35 ms
-    for a page at 144 dpi (method 0: the fastest encoder setting; a preview needs no better)."""
-    with Image.open(io.BytesIO(png)) as page:
-        preview = page.convert("RGB")
+def page_names(number: int) -> tuple[str, str]:
+    """The names rendered page ``number`` may be stored under, in ``pages/``: as ``stored_page``
+    writes it, then as PNG (releases before 2026-12 stored pages so; still read, never written)."""
+    return f"p{number:04d}{lossless.SUFFIX}", f"p{number:04d}.png"
+
+
+def stored_page(page: bytes | Image.Image) -> bytes:
+    """What storage keeps of a rendered page: its lossless encoding (``app.lossless``), made here
+    unless ``page`` is already those bytes."""
+    return page if isinstance(page, bytes) else lossless.encode(page)
+
+
+def encode_preview(page: bytes) -> bytes:
+    """A page's preview from its stored form (``page_names``): a WebP scaled down to
+    ``PREVIEW_MAX_SIDE``, about 35 ms for a page at 144 dpi (method 0: the fastest encoder setting;
+    a preview needs no better)."""
+    with Image.open(io.BytesIO(page), formats=[lossless.FORMAT, "PNG"]) as page_image:
+        preview = page_image.convert("RGB")
     preview.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     preview.save(out, format="WEBP", quality=75, method=0)
-    return out.getvalue()
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """``image`` as a PNG (zlib level 1: figure crops and pages are written once, read rarely)."""
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)
     return out.getvalue()
 
 
@@ -152,16 +159,17 @@ class TaskStore(Protocol):
         (or something unreadable) is stored there."""
 
     def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
-        """Store page ``number`` as rendered, a lossless PNG (``app.pipeline.pages.encode_lossless``
-        made it; an image is encoded here), replacing any earlier one. Its preview is made from it
-        when first asked for: most pages are never looked at, and a WebP costs as much as the PNG
-        (a preview made earlier stays: a task's page renders alike each time)."""
+        """Store page ``number`` as rendered (``stored_page``: ``app.lossless`` encoded it, or an
+        image is encoded here), replacing any earlier one. Its preview is made from it when first
+        asked for: most pages are never looked at, and a WebP costs ten times the encoding (a
+        preview made earlier stays: a task's page renders alike each time)."""
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
         """Page ``number``'s preview, a WebP of at most ``PREVIEW_MAX_SIDE`` px a side;
         ``ResultNotFound`` until the page is rendered."""
 
-    def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None: ...
+    def write_image(self, task_id: str, name: str, png: bytes, *, lease: int = 0) -> None:
+        """Store figure crop ``name`` (``pNNNN_NN.png``), a PNG, under ``lease``."""
 
     def write_result(self, task_id: str, name: str, data: Chunks, *, lease: int = 0) -> None:
         """Store result file ``name`` from ``data``: its bytes, or an iterable of chunks that is

@@ -41,9 +41,10 @@ from app.storage.base import (
     Chunks,
     RecordSummary,
     chunks_of,
-    encode_png,
     encode_preview,
+    page_names,
     raw_name,
+    stored_page,
     summary_of,
 )
 
@@ -220,33 +221,36 @@ class LocalStore:
             return None  # a torn write cannot happen (atomic), but a hand-edited file must not stop a task
 
     def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
-        """Store page ``number`` (the document's page number) as ``pages/pNNNN.png``, replacing any
-        earlier one. A preview made of an earlier one stays: a task's page renders alike each time."""
+        """Store page ``number`` (the document's page number) in ``pages/`` (``page_names``),
+        replacing any earlier one. A preview made of an earlier one stays: a task's page renders
+        alike each time."""
         pages_dir = self._dir(task_id) / "pages"
         pages_dir.mkdir(exist_ok=True)
-        _atomic_write(pages_dir / f"p{number:04d}.png", page if isinstance(page, bytes) else encode_png(page))
+        _atomic_write(pages_dir / page_names(number)[0], stored_page(page))
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
-        """An open stream of page ``number``'s preview, made from its PNG and kept the first time
-        it is asked for; ``ResultNotFound`` until the page is rendered."""
+        """An open stream of page ``number``'s preview, made from the stored page and kept the
+        first time it is asked for; ``ResultNotFound`` until the page is rendered."""
         pages_dir = self._dir(record.task_id) / "pages"
         with contextlib.suppress(FileNotFoundError):
             return (pages_dir / f"p{number:04d}.webp").open("rb")
-        try:
-            preview = encode_preview((pages_dir / f"p{number:04d}.png").read_bytes())
-        except FileNotFoundError as exc:
-            raise ResultNotFound(f"task {record.task_id} has no rendered page {number} (yet)") from exc
+        for name in page_names(number):
+            with contextlib.suppress(FileNotFoundError):
+                preview = encode_preview((pages_dir / name).read_bytes())
+                break
+        else:
+            raise ResultNotFound(f"task {record.task_id} has no rendered page {number} (yet)")
         with contextlib.suppress(OSError):  # a full disk costs the next request the encoding again
             _atomic_write(pages_dir / f"p{number:04d}.webp", preview)
         return io.BytesIO(preview)
 
-    def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None:
+    def write_image(self, task_id: str, name: str, png: bytes, *, lease: int = 0) -> None:
         if not IMAGE_NAME.match(name):
             raise StorageError(f"refusing to write an image named {name!r}")
         image_dir = self._dir(task_id) / "images"
         image_dir.mkdir(exist_ok=True)
         tmp = image_dir / f".{name}.tmp"
-        tmp.write_bytes(encode_png(image))
+        tmp.write_bytes(png)
         os.replace(tmp, image_dir / name)
 
     def write_result(self, task_id: str, name: str, data: Chunks, *, lease: int = 0) -> None:

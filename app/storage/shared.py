@@ -5,7 +5,7 @@ Any API replica serves any task and any worker runs it. Object keys, under ``APP
     tasks/<id>/input/<name>            the upload or download
     tasks/<id>/raw/pNNNN.json          the model's output per page (what a resumed task reuses)
     tasks/<id>/raw/pNNNN.rK.json       the output of the page's retry rung K, likewise
-    tasks/<id>/pages/pNNNN.png         each rendered page, lossless
+    tasks/<id>/pages/pNNNN.tiff        each rendered page, lossless (``page_names``)
     tasks/<id>/pages/pNNNN.webp        its preview, made from it when first asked for
     tasks/<id>/out/<lease>/full.md     results of the attempt holding lease <lease>: full.md,
                                        layout.json, result.json, images/pNNNN_NN.png
@@ -36,10 +36,18 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
+from app import lossless
 from app.errors import BackendUnavailable, BucketRefused, ObjectMissing, ResultNotFound, StorageError
 from app.records import TASK_ID_PATTERN, TaskRecord
 from app.result_files import IMAGE_NAME, PREVIEW_CONTENT_TYPE, RESULT_FILES
-from app.storage.base import Chunks, RecordSummary, encode_png, encode_preview, raw_name
+from app.storage.base import (
+    Chunks,
+    RecordSummary,
+    encode_preview,
+    page_names,
+    raw_name,
+    stored_page,
+)
 from app.storage.redis_records import RedisRecords
 from app.storage.s3 import S3Bucket, bucket_errors
 
@@ -217,26 +225,28 @@ class SharedStore:
         return payload if isinstance(payload, dict) else None
 
     def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
-        data = page if isinstance(page, bytes) else encode_png(page)
-        self._put(self._key(task_id, "pages", f"p{number:04d}.png"), data, "image/png")
+        self._put(self._key(task_id, "pages", page_names(number)[0]), stored_page(page), lossless.MEDIA_TYPE)
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
-        """The preview, made from the page's PNG and kept the first time it is asked for."""
+        """The preview, made from the stored page and kept the first time it is asked for."""
         body = self._get(self._key(record.task_id, "pages", f"p{number:04d}.webp"))
         if body is not None:
             return body
-        source = self._get(self._key(record.task_id, "pages", f"p{number:04d}.png"))
-        if source is None:
+        for name in page_names(number):
+            source = self._get(self._key(record.task_id, "pages", name))
+            if source is not None:
+                break
+        else:
             raise ResultNotFound(f"task {record.task_id} has no rendered page {number} (yet)")
         with source:
             preview = encode_preview(source.read())
         self._put(self._key(record.task_id, "pages", f"p{number:04d}.webp"), preview, PREVIEW_CONTENT_TYPE)
         return io.BytesIO(preview)
 
-    def write_image(self, task_id: str, name: str, image: Image.Image, *, lease: int = 0) -> None:
+    def write_image(self, task_id: str, name: str, png: bytes, *, lease: int = 0) -> None:
         if not IMAGE_NAME.match(name):
             raise StorageError(f"refusing to write an image named {name!r}")
-        self._put(self._result_key(task_id, f"images/{name}", lease), encode_png(image), "image/png")
+        self._put(self._result_key(task_id, f"images/{name}", lease), png, "image/png")
 
     def write_result(self, task_id: str, name: str, data: Chunks, *, lease: int = 0) -> None:
         if name not in RESULT_FILES:
