@@ -11,7 +11,7 @@ and results to S3, record and events in Redis.
 What limits it on a 2-core machine: everything shares the two cores, and the model server is
 serial. ``transformers serve`` runs ``generate()`` for one request at a time and takes about a core
 and a half while it does, so a second worker adds no model throughput and its own work (rendering,
-preview and PNG encoding, S3 writes, record saves) competes with the model for the same cores.
+preview and page encoding, S3 writes, record saves) competes with the model for the same cores.
 Measured on a quiet machine: 1.43-1.45 pages/s with one worker, 1.35-1.37 with two (0.93-0.96x).
 The mode is for workers on other machines beside a batching ``vllm serve`` pool; there workers add
 pages in flight and the ratio follows the servers' batching headroom (``bench/concurrency.py``

@@ -55,7 +55,7 @@ _REFUSALS: dict[str, type[DsocrError]] = {
     cls.__name__: cls for cls in (InvalidDocument, InvalidOptions, TooManyPages, RenderMemoryExceeded)
 }
 _START_SECONDS = 60.0  # s, for a new process to import its libraries and say it is ready
-_PAGE_BUFFER_BYTES = 1 << 20
+_PAGE_BUFFER_BYTES = 256 << 10
 # A page of noise encodes a little larger than its pixels, plus the format's header and tags;
 # past this it is a broken process, not a page.
 _MAX_ENCODED_FACTOR = 2
@@ -193,13 +193,15 @@ class _Process:
 
 
 def _give_back_page_buffers() -> None:
-    """Have glibc's malloc return every block of 1 MiB or more to the system when it is freed.
+    """Have glibc's malloc return every block of 256 KiB or more to the system when it is freed.
 
-    Here, the service's process, a page's pixels are a block of megabytes only when decoded (crops,
-    engines in this process). With glibc's own thresholds those blocks come out of its heaps, which
-    fragment: the service's RSS crept up with the number of pages (227 MiB after 200 pages, 278
-    MiB after 1,000, in ``bench/ceiling.py``), and stayed flat at about 150 MiB with this. The
-    render processes, where every page is pixels, keep theirs (``render_child``).
+    Here, the service's process, a page is blocks of hundreds of kB (its encoding, the base64 and
+    JSON of its request to the engine) and of megabytes when decoded (crops, engines in this
+    process). With glibc's own thresholds those blocks come out of its heaps, which fragment: the
+    service's RSS crept up with the number of pages (227 MiB after 200 pages, 278 MiB after 1,000,
+    in ``bench/ceiling.py``). With 1 MiB, 190 and 209 MiB (16 pages in flight, each page judged
+    and cropped in a thread of its own); with 256 KiB, 175 and 187 MiB, for 2-3 ms of CPU a page.
+    The render processes, where every page is pixels, keep theirs (``render_child``).
     """
     malloc.set_thresholds(mmap_bytes=_PAGE_BUFFER_BYTES)
 

@@ -126,10 +126,12 @@ class _Ready:
 
 @dataclass(frozen=True)
 class _Call:
-    """Consecutive pages recognised together, and the asyncio task that recognises them."""
+    """Consecutive pages recognised together, and the asyncio tasks that recognise them and make
+    each page ready: the call holds its place among those in flight only while it recognises."""
 
     pages: list[PageImage]
-    result: asyncio.Future[list[_Ready]]
+    recognition: asyncio.Future[Any]  # done once the engine answered and the raw files are stored
+    result: asyncio.Future[list[_Ready]]  # each page's first attempt, judged (and assembled)
 
 
 class PagePipeline:
@@ -200,12 +202,12 @@ class PagePipeline:
             nonlocal handed_over
             await self._make_room(job, held, room_for.calls_in_flight, done, on_page, check_interrupt)
             previous, handed_over = handed_over, asyncio.get_running_loop().create_future()
-            call = asyncio.ensure_future(
-                self._recognize(job, list(batch), positions, room_for, previous, handed_over)
-            )
-            call.add_done_callback(functools.partial(_pass_on, handed_over))  # even if it never ran
-            held.append(_Call(list(batch), call))
+            pages = list(batch)
             batch.clear()
+            call = asyncio.ensure_future(self._recognize(job, pages, room_for, previous, handed_over))
+            call.add_done_callback(functools.partial(_pass_on, handed_over))  # even if it never ran
+            ready = asyncio.ensure_future(self._make_ready(job, pages, call, positions))
+            held.append(_Call(pages, call, ready))
 
         try:
             async with self._models.hold():
@@ -218,7 +220,8 @@ class PagePipeline:
                             assert limits is not None
                             await send(limits)
                         text = _saved_text(saved)
-                        held.append(_Call([page], _resolved([_Ready(text, 0.0)])))
+                        read_back = _resolved([_Ready(text, 0.0)])
+                        held.append(_Call([page], read_back, read_back))
                         continue
                     if limits is None:
                         limits = await self._limits(page)
@@ -256,17 +259,17 @@ class PagePipeline:
         than twice that held, assembling pages as they become ready."""
         while True:
             await self._assemble_ready(job, held, done, on_page, check_interrupt)
-            running = sum(1 for call in held if not call.result.done())
+            running = sum(1 for call in held if not call.recognition.done())
             if running < calls_in_flight and len(held) < 2 * calls_in_flight:
                 return
             await self._wait(held)
 
     @staticmethod
     async def _wait(held: deque[_Call]) -> None:
-        """Wait until one of the held calls that are running ends."""
-        running = [call.result for call in held if not call.result.done()]
-        if running:
-            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        """Wait until one of the held calls ends its recognition, or has its pages ready."""
+        pending = [future for call in held for future in (call.recognition, call.result) if not future.done()]
+        if pending:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
 
     async def _assemble_ready(
         self,
@@ -314,15 +317,13 @@ class PagePipeline:
         self,
         job: PageJob,
         batch: list[PageImage],
-        positions: dict[int, int],
         limits: DispatchLimits,
         previous: asyncio.Future[None] | None,
         handed_over: asyncio.Future[None],
-    ) -> list[_Ready]:
-        """Recognise one call's pages, store each page's raw output at once, then judge each and
-        assemble those whose attempt is final (``_prepare``; ``positions``: each page number's
-        index in the task's result). The call is handed to the engine once ``previous`` (the call
-        before it) was; ``handed_over`` says it was."""
+    ) -> list[tuple[PageText, float]]:
+        """Recognise one call's pages and store each page's raw output at once; each page's text
+        and seconds. The call is handed to the engine once ``previous`` (the call before it) was;
+        ``handed_over`` says it was."""
         try:
             images = await _for_engine(batch, limits)
             if previous is not None:
@@ -341,16 +342,33 @@ class PagePipeline:
             raise
         seconds = (time.perf_counter() - started) / len(batch)
 
-        def store_and_prepare() -> list[_Ready]:  # one thread for the call: each hop waits for the GIL
+        def write_raw() -> None:  # one thread for the call's pages: each hop waits for the GIL
             for page, text in zip(batch, texts, strict=True):
                 payload = _raw_payload(page, text, seconds, 0, job.recognize)
                 self._store.write_raw(job.task_id, page.number, payload)
+
+        await asyncio.to_thread(write_raw)
+        return [(text, seconds) for text in texts]
+
+    async def _make_ready(
+        self,
+        job: PageJob,
+        pages: list[PageImage],
+        recognition: asyncio.Future[list[tuple[PageText, float]]],
+        positions: dict[int, int],
+    ) -> list[_Ready]:
+        """Once the call's ``recognition`` ends, judge each page's first attempt and assemble
+        those whose attempt is final (``_prepare``; ``positions``: each page number's index in the
+        task's result), outside the call's place in flight: the next call is already on its way."""
+        recognized = await recognition
+
+        def prepare() -> list[_Ready]:  # one thread for the call's pages, as above
             return [
                 self._prepare(job, page, text, seconds, positions[page.number])
-                for page, text in zip(batch, texts, strict=True)
+                for page, (text, seconds) in zip(pages, recognized, strict=True)
             ]
 
-        return await asyncio.to_thread(store_and_prepare)
+        return await asyncio.to_thread(prepare)
 
     def _prepare(self, job: PageJob, page: PageImage, text: PageText, seconds: float, index: int) -> _Ready:
         """Judge a page's first attempt and, when no rung would follow it, assemble the page at
@@ -628,6 +646,9 @@ def _resolved(value: list[_Ready]) -> asyncio.Future[list[_Ready]]:
 async def _cancel(held: deque[_Call]) -> None:
     """Cancel the calls still running and wait for them, so none outlives its task."""
     for call in held:
+        call.recognition.cancel()
         call.result.cancel()
     # return_exceptions: their failures are moot once the task stopped, but must be retrieved.
-    await asyncio.gather(*(call.result for call in held), return_exceptions=True)
+    await asyncio.gather(
+        *(future for call in held for future in (call.recognition, call.result)), return_exceptions=True
+    )
