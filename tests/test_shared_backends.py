@@ -18,6 +18,7 @@ import redis
 from botocore.exceptions import ClientError, EndpointConnectionError
 from PIL import Image
 
+from app import lossless
 from app.documents import DocumentKind
 from app.errors import (
     BackendUnavailable,
@@ -307,7 +308,7 @@ def test_results_are_read_from_the_lease_the_record_ended_with(store, s3, tmp_pa
     assert store.read_raw(record.task_id, 1, attempt=1) is None
     with pytest.raises(ResultNotFound):
         store.open_preview(record, 1)
-    store.write_preview(record.task_id, 1, Image.new("RGB", (2000, 1000), "white"))
+    store.write_preview(record.task_id, 1, lossless.encode(Image.new("RGB", (2000, 1000), "white")))
     with store.open_preview(record, 1) as preview:
         assert Image.open(io.BytesIO(preview.read())).size == (1600, 800)
     # A page stored as PNG by a release before pages were TIFF still gets its preview.

@@ -50,7 +50,11 @@ class PageImage:
         has_ink: bool = True,
     ) -> None:
         """``image`` (RGB), or ``encoded`` (``lossless.encode`` of it, its size checked)."""
-        if image is None and encoded is None:
+        if image is not None:
+            size = image.size
+        elif encoded is not None:
+            size = encoded.size
+        else:
             raise ValueError("a page needs its pixels, or their lossless encoding")
         self.number = number  # 1-based page number in the source document
         # render resolution for PDFs (after any pixel-limit scaling); None for images
@@ -62,7 +66,7 @@ class PageImage:
         self.text_layer = text_layer
         self.has_ink = has_ink  # ``has_ink(image)``: whether the pixels show anything at all
         self._image = image
-        self._size = image.size if image is not None else encoded.size if encoded is not None else (0, 0)
+        self._size = size
         self._decoding = threading.Lock()
 
     @property
@@ -70,9 +74,10 @@ class PageImage:
         """(width, height) in pixels, known without decoding anything."""
         return self._size
 
-    def stored_form(self) -> bytes | Image.Image:
-        """What storage keeps of the page: its encoding when it has one, else its pixels."""
-        return self.encoded.data if self.encoded is not None else self.image
+    def encoded_data(self) -> bytes:
+        """The page's lossless encoding: the render process's, or made here from its pixels
+        (blocking)."""
+        return self.encoded.data if self.encoded is not None else lossless.encode(self.image)
 
     @property
     def image(self) -> Image.Image:

@@ -320,7 +320,7 @@ class RenderPool:
         process, answer = await self._call(request, subject=f"page {number}", doing="render", document=path)
         try:
             width, height, page_dpi = answer.get("width"), answer.get("height"), answer.get("dpi")
-            size, text, ink = answer.get("encoded"), answer.get("text"), answer.get("has_ink")
+            length, text, ink = answer.get("encoded"), answer.get("text"), answer.get("has_ink")
             if not (
                 isinstance(width, int)
                 and isinstance(height, int)
@@ -328,14 +328,14 @@ class RenderPool:
                 and height > 0
                 and width * height <= max_pixels
                 and (page_dpi is None or isinstance(page_dpi, int | float))
-                and isinstance(size, int)
-                and 0 < size <= _MAX_ENCODED_FACTOR * 3 * width * height + _MAX_ENCODED_OVERHEAD
+                and isinstance(length, int)
+                and 0 < length <= _MAX_ENCODED_FACTOR * 3 * width * height + _MAX_ENCODED_OVERHEAD
                 and (text is None or (isinstance(text, int) and 0 < text <= _MAX_TEXT_BYTES))
                 and isinstance(ink, bool)
             ):
                 raise ValueError(f"it answered {answer!r}")
             encoded, layer = await asyncio.to_thread(
-                process.read_page, size, text or 0, (width, height), max_pixels
+                process.read_page, length, text or 0, (width, height), max_pixels
             )
         except ValueError as exc:  # the shared file holds less than it said, or not an encoded page
             self._replace(process)

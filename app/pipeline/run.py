@@ -13,8 +13,9 @@ calls are held (running, or done and waiting for an earlier page), which bounds 
 kept in memory. Results are assembled strictly in page order, so progress moves page by page and
 ``full.md`` is in order whatever order the server answers in; but the work of a page's first
 attempt (parsing, judging, and when no retry can follow, cropping its figures and storing them) is
-done as soon as its call ends, in that call's task, so pages are judged and cropped side by side
-and the in-order part is only appending each to the results. An assembled page goes to disk
+done as soon as its call ends, by a task of its own (the call's place in flight is free by then),
+so pages are judged and cropped side by side and the in-order part only appends each to the
+results. An assembled page goes to disk
 (``AssembledPages``) once stored, so memory does not grow with the document.
 
 A page's raw output is stored as soon as it exists, even ahead of earlier pages, so a task resumed
@@ -381,7 +382,7 @@ class PagePipeline:
     def _store_page(self, job: PageJob, page: PageImage) -> dict[str, Any] | None:
         """Store the rendered page (its preview's source) and return its first attempt's raw
         output from an earlier run, if any (blocking)."""
-        self._store.write_preview(job.task_id, page.number, page.stored_form())
+        self._store.write_preview(job.task_id, page.number, page.encoded_data())
         return self._store.read_raw(job.task_id, page.number)
 
     async def _climb(

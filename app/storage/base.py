@@ -49,15 +49,10 @@ def chunks_of(data: Chunks) -> Iterable[bytes]:
 
 
 def page_names(number: int) -> tuple[str, str]:
-    """The names rendered page ``number`` may be stored under, in ``pages/``: as ``stored_page``
-    writes it, then as PNG (releases before 2026-12 stored pages so; still read, never written)."""
+    """The names rendered page ``number`` may be stored under, in ``pages/``: as ``write_preview``
+    writes it (``app.lossless``), then as PNG (releases before 2026-12 stored pages so; still read,
+    never written)."""
     return f"p{number:04d}{lossless.SUFFIX}", f"p{number:04d}.png"
-
-
-def stored_page(page: bytes | Image.Image) -> bytes:
-    """What storage keeps of a rendered page: its lossless encoding (``app.lossless``), made here
-    unless ``page`` is already those bytes."""
-    return page if isinstance(page, bytes) else lossless.encode(page)
 
 
 def encode_preview(page: bytes) -> bytes:
@@ -158,11 +153,11 @@ class TaskStore(Protocol):
         """What ``write_raw`` stored for page ``number`` and ``attempt``; ``None`` when nothing
         (or something unreadable) is stored there."""
 
-    def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
-        """Store page ``number`` as rendered (``stored_page``: ``app.lossless`` encoded it, or an
-        image is encoded here), replacing any earlier one. Its preview is made from it when first
-        asked for: most pages are never looked at, and a WebP costs ten times the encoding (a
-        preview made earlier stays: a task's page renders alike each time)."""
+    def write_preview(self, task_id: str, number: int, page: bytes) -> None:
+        """Store page ``number`` as rendered, ``app.lossless`` encoded, replacing any earlier one.
+        Its preview is made from it when first asked for: most pages are never looked at, and a
+        WebP costs ten times the encoding (a preview made earlier stays: a task's page renders
+        alike each time)."""
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
         """Page ``number``'s preview, a WebP of at most ``PREVIEW_MAX_SIDE`` px a side;

@@ -32,8 +32,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from PIL import Image
-
 from app.errors import ResultNotFound, StorageError, TaskNotFound
 from app.records import TASK_ID_PATTERN, TaskRecord
 from app.result_files import IMAGE_NAME, RESULT_FILES
@@ -44,7 +42,6 @@ from app.storage.base import (
     encode_preview,
     page_names,
     raw_name,
-    stored_page,
     summary_of,
 )
 
@@ -220,13 +217,13 @@ class LocalStore:
         except ValueError:
             return None  # a torn write cannot happen (atomic), but a hand-edited file must not stop a task
 
-    def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
+    def write_preview(self, task_id: str, number: int, page: bytes) -> None:
         """Store page ``number`` (the document's page number) in ``pages/`` (``page_names``),
         replacing any earlier one. A preview made of an earlier one stays: a task's page renders
         alike each time."""
         pages_dir = self._dir(task_id) / "pages"
         pages_dir.mkdir(exist_ok=True)
-        _atomic_write(pages_dir / page_names(number)[0], stored_page(page))
+        _atomic_write(pages_dir / page_names(number)[0], page)
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
         """An open stream of page ``number``'s preview, made from the stored page and kept the

@@ -34,8 +34,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from PIL import Image
-
 from app import lossless
 from app.errors import BackendUnavailable, BucketRefused, ObjectMissing, ResultNotFound, StorageError
 from app.records import TASK_ID_PATTERN, TaskRecord
@@ -46,7 +44,6 @@ from app.storage.base import (
     encode_preview,
     page_names,
     raw_name,
-    stored_page,
 )
 from app.storage.redis_records import RedisRecords
 from app.storage.s3 import S3Bucket, bucket_errors
@@ -224,8 +221,8 @@ class SharedStore:
                 return None
         return payload if isinstance(payload, dict) else None
 
-    def write_preview(self, task_id: str, number: int, page: bytes | Image.Image) -> None:
-        self._put(self._key(task_id, "pages", page_names(number)[0]), stored_page(page), lossless.MEDIA_TYPE)
+    def write_preview(self, task_id: str, number: int, page: bytes) -> None:
+        self._put(self._key(task_id, "pages", page_names(number)[0]), page, lossless.MEDIA_TYPE)
 
     def open_preview(self, record: TaskRecord, number: int) -> BinaryIO:
         """The preview, made from the stored page and kept the first time it is asked for."""
